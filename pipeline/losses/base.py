@@ -1,0 +1,80 @@
+"""Shared input handling for the segmentation losses.
+
+Every loss of :mod:`pipeline.losses` takes logits ``BKH W[D]`` (class axis 1) and integer labels ``B1HW[D]`` (MONAI
+style) or ``BHW[D]``, and returns one scalar. This module turns the labels into a ``long`` index tensor and
+rejects inputs that do not fit, naming the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Return ``labels`` as a ``long`` tensor of shape ``B×spatial`` that matches ``logits`` (``B×K×spatial``).
+
+    Args:
+        labels: class indices, ``B×1×spatial`` or ``B×spatial``; float tensors must hold whole numbers.
+        logits: network output, ``B×K×spatial`` with ``K >= 2``.
+
+    Returns:
+        ``torch.long`` labels of shape ``logits.shape[:1] + logits.shape[2:]``.
+
+    Raises:
+        ValueError: when the shapes do not match, the labels are not whole numbers, or a label is outside
+            ``[0, K)``.
+
+    >>> as_index_labels(torch.tensor([[[[1, 0]]]]), torch.zeros(1, 2, 1, 2)).shape
+    torch.Size([1, 1, 2])
+    """
+    if logits.ndim < 3:
+        raise ValueError(f"logits must be B×K×spatial (at least 3 dimensions), got shape {tuple(logits.shape)}")
+    n_classes = logits.shape[1]
+    if n_classes < 2:
+        raise ValueError(f"logits must have at least 2 classes on axis 1, got shape {tuple(logits.shape)}")
+    spatial = logits.shape[2:]
+    if labels.ndim == logits.ndim and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape[:1] != logits.shape[:1] or labels.shape[1:] != spatial:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)}, expected {(logits.shape[0], 1, *spatial)} or "
+            f"{(logits.shape[0], *spatial)} to match logits of shape {tuple(logits.shape)}"
+        )
+    if labels.is_floating_point():
+        if not torch.equal(labels, labels.round()):
+            raise ValueError("labels must be whole class indices, got non-integer values")
+        labels = labels.long()
+    elif labels.dtype != torch.long:
+        labels = labels.long()
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(f"labels must lie in [0, {n_classes - 1}] for {n_classes} classes, got values in [{lo}, {hi}]")
+    return labels.as_subclass(torch.Tensor) if type(labels) is not torch.Tensor else labels
+
+
+class SegmentationLoss(nn.Module):
+    """Base class: subclasses implement ``_forward(logits, labels)`` with validated ``long`` labels.
+
+    Composite losses record their parts (detached scalars, e.g. ``{"ce": …, "penalty": …}``) in ``self.parts``
+    after each call, so that a training handler can log them without changing what the trainer receives.
+    Half-precision logits (float16/bfloat16, e.g. under autocast) are computed on in float32, for finite values
+    and gradients.
+    """
+
+    parts: dict[str, torch.Tensor]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = {}
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.as_subclass(torch.Tensor) if type(logits) is not torch.Tensor else logits
+        labels = as_index_labels(labels, logits)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return self._forward(logits, labels)
+
+    def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError

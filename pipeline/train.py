@@ -1,0 +1,215 @@
+"""``run_training``: the whole path from a config to a trained, evaluated and logged model.
+
+data (source → validation → split → cached volumes → 2D slices) → network → loss → Ignite trainer with
+validation, best-checkpoint and MLflow handlers → test evaluation on whole volumes → table, files, MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from pipeline.config import REPO_ROOT
+from pipeline.data.sources import InvalidDatasetError, load_split_file, write_json_atomic
+
+log = logging.getLogger("pipeline")
+
+
+def prepare_data(parser) -> dict:
+    """Read, validate and split the dataset of a config; build the cached volume datasets.
+
+    Returns:
+        ``{"dataset": dataset config (parsed), "cases": {split: [case]}, "split": {split: [ids]}, "volumes":
+        {split: CacheDataset}}``.
+
+    Raises:
+        pipeline.data.sources.DatasetNotFoundError: no data where the config points.
+        pipeline.data.sources.InvalidDatasetError: every problem found in the data, one per line.
+    """
+    from pipeline.data.loading import volume_dataset
+
+    dataset = parser.get_parsed_content("dataset")
+    source = dataset["source"]
+    cases = source.cases()
+    problems = source.validate(cases)
+    if problems:
+        raise InvalidDatasetError(
+            f"{len(problems)} problem(s) in the {parser['dataset_name']} dataset at {source.root}; nothing was "
+            "trained:\n  - " + "\n  - ".join(problems)
+        )
+    split_file = parser.get_parsed_content("split_file")
+    seed = int(parser.get_parsed_content("seed"))
+    split = load_split_file(split_file, cases) if split_file else source.split(cases, seed)
+    by_id = {c["id"]: c for c in cases}
+    parts = {k: [by_id[i] for i in ids] for k, ids in split.items()}
+    preprocess = parser.get_parsed_content("preprocess")
+    workers = int(parser.get_parsed_content("num_workers"))
+    volumes = {k: volume_dataset(v, preprocess, workers) for k, v in parts.items() if v}
+    return {"dataset": dataset, "cases": parts, "split": split, "volumes": volumes}
+
+
+def _best_checkpoint(saver) -> Path | None:
+    ckpt = getattr(saver, "_key_metric_checkpoint", None)
+    last = getattr(ckpt, "last_checkpoint", None) if ckpt is not None else None
+    return None if last is None else Path(last)
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by the trainer (a bare state dict or ``{"network": state dict}``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
+        state = state["network"]
+    network.load_state_dict(state)
+
+
+def run_training(parser, run_name: str | None = None, quiet: bool = False) -> dict:
+    """Train, validate, test and log one run described by ``parser`` (a MONAI ``ConfigParser``).
+
+    Returns:
+        ``{"run_id", "run_dir", "results", "table", "best_checkpoint"}``.
+    """
+    from ignite.engine import Events
+    from ignite.handlers import ProgressBar
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointSaver
+    from monai.utils import set_determinism
+
+    from pipeline.data.loading import train_loader, volume_loader
+    from pipeline.engines import create_evaluator, create_trainer
+    from pipeline.evaluate import mlflow_metrics, run_evaluation, summarise
+    from pipeline.report import reliability_diagram, results_table, write_per_volume_csv
+    from pipeline.tracking import RunTracker, flatten, git_commit
+
+    def value(key: str):
+        return parser.get_parsed_content(key)
+
+    seed = int(value("seed"))
+    set_determinism(seed=seed)
+    names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
+    run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
+
+    data = prepare_data(parser)
+    dataset = data["dataset"]
+    class_names = list(dataset["class_names"])
+    slice_axis = int(dataset["slice_axis"])
+    device = parser.get_parsed_content("device")
+    epochs = int(value("epochs"))
+    for part in ("train", "val", "test"):
+        if part not in data["volumes"]:
+            raise ValueError(f"the '{part}' split of the {names['dataset']} dataset is empty")
+
+    loader = train_loader(
+        data["volumes"]["train"], slice_axis, value("augment"), int(value("batch_size")), int(value("num_workers")), bool(dataset.get("skip_empty_slices", False)), seed,
+    )
+    network = parser.get_parsed_content("network")
+    loss_fn = parser.get_parsed_content("loss").to(device)
+    optimizer = parser.get_parsed_content("optimizer")
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    amp = bool(value("amp")) and device.type == "cuda"
+
+    run_dir = Path(value("output_dir")) / run_name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
+    write_json_atomic(run_dir / "splits.json", data["split"])
+
+    tracker = RunTracker(value("experiment_name"), run_name, tags={
+        "dataset": names["dataset"], "loss": names["loss"], "backbone": names["backbone"],
+    })
+    params = {
+        **names,
+        **flatten("loss", parser.get("loss")),
+        **flatten("backbone", parser.get("backbone")),
+        "epochs": epochs, "seed": seed, "batch_size": value("batch_size"), "lr": value("lr"),
+        "git_commit": git_commit(), "device": str(device), "amp": amp,
+        "n_train_volumes": len(data["cases"]["train"]), "n_val_volumes": len(data["cases"]["val"]),
+        "n_test_volumes": len(data["cases"]["test"]), "n_train_slices": len(loader.dataset),
+        "class_names": ",".join(class_names), "run_dir": str(run_dir),
+    }
+    tracker.log_params(params)
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(run_dir / "splits.json")
+
+    trainer = create_trainer(network, loss_fn, optimizer, loader, device, epochs, scheduler, amp)
+    val_loader = volume_loader(data["volumes"]["val"])
+    evaluator = create_evaluator(network, val_loader, device, len(class_names), slice_axis, prefix="val/",
+                                 n_bins=int(value("n_bins")), amp=amp)
+    best_saver = CheckpointSaver(
+        save_dir=str(run_dir / "checkpoints"), save_dict={"network": network}, save_key_metric=True,
+        key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",
+    )
+    best_saver.attach(evaluator)
+    CheckpointSaver(
+        save_dir=str(run_dir / "checkpoints"), save_dict={"network": network, "optimizer": optimizer},
+        save_final=True, final_filename="last.pt",
+    ).attach(trainer)
+    tracker.engine_handler().attach(trainer)
+    tracker.engine_handler().attach(evaluator)
+
+    val_every = max(1, int(value("val_interval")))
+    # the bar redraws in place: only on a terminal; epoch summaries are printed either way
+    pbar = ProgressBar(persist=False, desc="train", disable=quiet or not sys.stderr.isatty())
+    pbar.attach(trainer, output_transform=lambda out: {"loss": float(out["loss"].detach())})
+
+    def validate(engine) -> None:
+        evaluator.run(engine.state.epoch)
+        m = evaluator.state.metrics
+        msg = (f"epoch {engine.state.epoch}/{epochs}: train loss {engine.state.metrics.get('train/loss', math.nan):.4f}"
+               f" | val DSC {m['val/dsc']:.4f} ECE {m['val/ece']:.4f} CECE {m['val/cece']:.4f}"
+               f" | best DSC {evaluator.state.best_metric:.4f} (epoch {evaluator.state.best_metric_epoch})")
+        if not quiet:
+            pbar.log_message(msg) if sys.stderr.isatty() else print(msg, flush=True)
+        log.info(msg)
+
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(event_filter=lambda _, ep: ep % val_every == 0 or ep == epochs), validate
+    )
+
+    t0 = time.time()
+    try:
+        trainer.run()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    train_s = time.time() - t0
+
+    best = _best_checkpoint(best_saver)
+    if best is not None:
+        load_weights(network, best)
+    t1 = time.time()
+    test_cases = data["cases"]["test"]
+    test_eval = run_evaluation(network, volume_loader(data["volumes"]["test"]), device, class_names, slice_axis,
+                               int(value("n_bins")), amp=amp)
+    results = summarise(test_eval, class_names, [c["id"] for c in test_cases])
+    test_s = time.time() - t1
+
+    table = results_table(results)
+    label = f"{names['loss']} · {names['backbone']} · {names['dataset']}"
+    plot = reliability_diagram(results["reliability"], run_dir / "reliability.png",
+                               f"{label}: foreground voxels, {results['n_volumes']} test volumes",
+                               results["mean"]["ece_pooled"])
+    write_per_volume_csv(run_dir / "per_volume.csv", results["per_volume"])
+    summary = {k: v for k, v in results.items() if k not in ("per_volume", "reliability")}
+    summary.update(run_id=tracker.run_id, best_val_dsc=float(evaluator.state.best_metric),
+                   best_epoch=int(evaluator.state.best_metric_epoch), train_seconds=train_s, test_seconds=test_s)
+    write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=float)))
+    (run_dir / "results.txt").write_text(table + "\n")
+
+    tracker.log_metrics(mlflow_metrics(results))
+    tracker.log_metrics({"val/best_dsc": summary["best_val_dsc"], "best_epoch": summary["best_epoch"],
+                         "time/train_s": train_s, "time/test_s": test_s})
+    for f in ("reliability.png", "per_volume.csv", "metrics.json", "results.txt"):
+        tracker.log_artifact(run_dir / f)
+    if best is not None:
+        tracker.log_artifact(best, "checkpoints")
+        tracker.set_tags({"best_checkpoint": str(best)})
+    tracker.finish()
+    return {"run_id": tracker.run_id, "run_dir": run_dir, "results": results, "table": table,
+            "best_checkpoint": best, "plot": plot}
