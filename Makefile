@@ -1,5 +1,6 @@
 # One-command entry points. `make train` and `make test` install what they need first (a local .venv with the
 # pinned dependencies of pyproject.toml), so a fresh clone needs nothing but Python 3.11 and make.
+# The project itself is not installed: commands run from the repository root (python -m pipeline).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -29,7 +30,9 @@ $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV) (once; a few minutes on a fresh machine)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
