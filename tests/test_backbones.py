@@ -181,3 +181,37 @@ def test_transunet_bad_arguments(kwargs, match):
 def test_plain_unet_needs_two_levels():
     with pytest.raises(ValueError, match="at least two widths"):
         PlainUNet(features=[8])
+
+
+def test_compare_runs_table(tmp_path):
+    import json
+
+    from pipeline.benchmarks.backbones import compare_runs
+
+    for name, loss, dsc, ece in [("unet", "ce", 0.8, 0.05), ("unet", "mbls", 0.81, 0.02), ("attunet", "ce", 0.7, 0.1)]:
+        (tmp_path / f"p-{name}-{loss}").mkdir()
+        (tmp_path / f"p-{name}-{loss}" / "metrics.json").write_text(
+            json.dumps({"mean": {"dsc": dsc, "ece": ece, "cece": ece / 2}}))
+    table = compare_runs("p", ["attunet", "unet"], tmp_path).splitlines()
+    assert table[0] == "| backbone | DSC CE | DSC MbLS | ECE CE | ECE MbLS | CECE CE | CECE MbLS |"
+    assert table[2:] == ["| unet | 0.800 | 0.810 | 0.050 | 0.020 | 0.025 | 0.010 |"]  # attunet lacks its MbLS run
+    with pytest.raises(FileNotFoundError, match="no backbone has both"):
+        compare_runs("q", ["unet"], tmp_path)
+
+
+def test_benchmark_measure_in_process():
+    from pipeline.benchmarks.backbones import measure
+
+    r = measure("unet", (37, 50), batch=2, repeats=2, warmup=1, device="cpu")
+    assert r["params"] == sum(p.numel() for p in build("unet", tiny=False).parameters())
+    assert len(r["step_ms_all"]) == 2 and r["step_ms"] > 0 and r["peak_mib"] >= r["delta_mib"] >= 0
+
+
+def test_plain_unet_and_transunet_in_3d():
+    tiny = dict(block="basic", layers=(1, 1, 1), block_inplanes=(4, 4, 4), stem_channels=4, hidden_size=8,
+                num_layers=1, num_heads=2, mlp_dim=8, head_channels=4, decoder_channels=(4, 4, 4, 4))
+    x = torch.rand(1, 2, 19, 21, 9)
+    with torch.no_grad():
+        net = PadToMultiple(TransUNet(2, 3, spatial_dims=3, pos_grid=(2, 2, 2), **tiny), 16)
+        assert net(x).shape == (1, 3, 19, 21, 9)
+        assert PadToMultiple(PlainUNet(3, 2, 3, features=(4, 8)), 2)(x).shape == (1, 3, 19, 21, 9)

@@ -30,12 +30,12 @@ BLOCKS = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
 
 
 class TransUNet(nn.Module):
-    """Hybrid CNN–Transformer UNet: ``B×C×spatial → B×K×spatial`` logits, total stride ``2 ** (len(layers) + 1)``.
+    """Hybrid CNN–Transformer UNet, ``B×C×spatial → B×K×spatial`` logits, stride ``2 ** (len(layers) + 1)``.
 
-    With ``len(layers) == 3`` (default) the stride is 16: stem (1/2) → max pool and stage 1 (1/4) → stage 2 (1/8) →
-    stage 3 (1/16) → transformer → 4 up-samplings with skips from stage 2, stage 1 and the stem, and none at full
-    resolution. The defaults are the published R50-ViT-B/16 sizes (ResNet-50 stages 3, 4, 9; hidden 768, 12 layers,
-    12 heads, MLP 3072; decoder 256, 128, 64, 16), about 105 M parameters.
+    With ``len(layers) == 3`` (default) the stride is 16: stem (1/2) → max pool and stage 1 (1/4) → stage 2
+    (1/8) → stage 3 (1/16) → transformer → 4 up-samplings with skips from stage 2, stage 1 and the stem, and none
+    at full resolution. The defaults are the published R50-ViT-B/16 sizes (ResNet-50 stages 3, 4, 9; hidden 768,
+    12 layers, 12 heads, MLP 3072; decoder 256, 128, 64, 16), about 105 M parameters.
 
     Args:
         in_channels: input channels C.
