@@ -33,6 +33,15 @@ TINY = {
 BACKBONES = sorted(TINY)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and lose much when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(name: str, tiny: bool = True, **overrides) -> nn.Module:
     """``network_def`` (the backbone wrapped in PadToMultiple) of ``name`` on the default dataset, on the CPU."""
     parser = load_config("mni", "ce", name, {**(TINY[name] if tiny else {}), "device": "$torch.device('cpu')",
