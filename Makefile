@@ -54,3 +54,8 @@ list: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## benchmark every backbone: parameters, forward+backward time and peak memory at 80×96 and 224×224 (batch 4)
+.PHONY: bench-backbones
+bench-backbones: $(STAMP)
+	$(PY) -m pipeline.benchmarks.backbones $(ARGS)

@@ -1,8 +1,10 @@
 """Backbones and the wrapper that lets any of them take inputs of any size.
 
-The backbones themselves are MONAI networks chosen by ``configs/backbone/<name>.yaml``; the base config wraps
-the chosen one in :class:`PadToMultiple`, so an input whose size is not a multiple of the network's total stride
-is padded and the output cropped back: never silently resized.
+The backbones are chosen by ``configs/backbone/<name>.yaml``: MONAI networks where MONAI has them (``UNet``,
+``AttentionUnet``, ``BasicUNetPlusPlus``), and here, from MONAI parts, what it lacks: :class:`PlainUNet` (the
+paper's UNet) and :class:`TransUNet`. The base config wraps the chosen one in :class:`PadToMultiple`, so an input
+whose size is not a multiple of the network's total stride is padded and the output cropped back: never silently
+resized.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.networks.transunet import TransUNet
+from pipeline.networks.unet import PlainUNet
+
+__all__ = ["PadToMultiple", "PlainUNet", "TransUNet"]
+
 
 class PadToMultiple(nn.Module):
     """Pad the spatial dims of ``B×C×spatial`` inputs up to a multiple of ``divisor``, run ``net``, crop back.
 
     Padding is split evenly on both sides (the extra voxel at the end) with ``mode`` (default replicate, so the
-    padded border looks like the image edge). Networks that return a list or tuple (deep supervision) are
-    reduced to their last output.
+    padded border looks like the image edge). Networks that return a list or tuple (deep supervision, e.g. MONAI's
+    ``BasicUNetPlusPlus``) are reduced to their last output. Scriptable with ``torch.jit.script`` when ``net`` is.
 
     Args:
         net: the backbone, ``B×C×spatial → B×K×spatial``.
         divisor: an int for every spatial dim, or one per dim.
         mode: ``torch.nn.functional.pad`` mode.
+
+    Raises:
+        ValueError: (in ``forward``) a per-dim ``divisor`` whose length differs from the input's spatial dims.
 
     >>> m = PadToMultiple(nn.Conv2d(1, 2, 1), divisor=16)
     >>> m(torch.zeros(1, 1, 37, 50)).shape
@@ -34,24 +44,32 @@ class PadToMultiple(nn.Module):
     def __init__(self, net: nn.Module, divisor: int | Sequence[int] = 16, mode: str = "replicate") -> None:
         super().__init__()
         self.net = net
-        self.divisor = divisor
+        self.divisor = [int(divisor)] if isinstance(divisor, int) else [int(d) for d in divisor]
+        self.per_dim = not isinstance(divisor, int)
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = x.shape[2:]
-        div = [self.divisor] * len(spatial) if isinstance(self.divisor, int) else list(self.divisor)
+        spatial: list[int] = list(x.shape[2:])
+        div = self.divisor if self.per_dim else self.divisor * len(spatial)
         if len(div) != len(spatial):
             raise ValueError(f"divisor {self.divisor} does not match the {len(spatial)} spatial dims of the input")
-        extra = [(-s) % d for s, d in zip(spatial, div)]
-        if any(extra):
+        extra: list[int] = []
+        for s, d in zip(spatial, div):
+            extra.append((d - s % d) % d)
+        padded = sum(extra) > 0
+        if padded:
             pad: list[int] = []
-            for e in reversed(extra):  # F.pad takes the last dim first
-                pad += [e // 2, e - e // 2]
+            for i in range(len(extra) - 1, -1, -1):  # F.pad takes the last dim first
+                pad += [extra[i] // 2, extra[i] - extra[i] // 2]
             x = F.pad(x, pad, mode=self.mode)
-        out = self.net(x)
-        if isinstance(out, (list, tuple)):
-            out = out[-1]
-        if any(extra):
-            index = [slice(None), slice(None)] + [slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial)]
-            out = out[tuple(index)]
+        raw = self.net(x)
+        if isinstance(raw, list):
+            out = raw[-1]
+        elif isinstance(raw, tuple):
+            out = raw[-1]
+        else:
+            out = raw
+        if padded:
+            for i in range(len(extra)):
+                out = out.narrow(i + 2, extra[i] // 2, spatial[i])
         return out
