@@ -54,3 +54,14 @@ list: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+.PHONY: evaluate bench-evaluation
+
+## evaluate a trained run again and log into the same MLflow run: make evaluate RUN=<MLflow run id | runs/<name> | checkpoint> ARGS="--set evaluation::noise::sigmas=[]"
+evaluate: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline evaluate "$(RUN)" $(ARGS)
+
+## time the test evaluation of one volume against the network alone: make bench-evaluation [RUN=…]
+bench-evaluation: $(STAMP)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.benchmarks.evaluation $(if $(RUN),--run "$(RUN)") $(ARGS)

@@ -41,7 +41,7 @@ DEFAULT_SETTINGS: dict = {
     "fit_foreground_only": False,
     "max_val_slices": 256,
     "ts": {"max_iter": 50},
-    "lts": {"iterations": 100, "lr": 0.001, "batch_slices": 16, "eval_every": 10, "use_image": True, "hidden": 8,
+    "lts": {"iterations": 100, "lr": 0.001, "batch_slices": 16, "eval_every": 10, "use_image": True, "hidden": 4,
             "init": "identity"},
     "noise": {"sigmas": [0.0, 0.01, 0.02, 0.03, 0.04, 0.05], "seed": 0},
     "maps": {"slices": 3, "volumes": 3},
@@ -115,7 +115,7 @@ class EvaluationOutputs:
 
     From the logits under ``pred`` (``K×X×Y×Z``) it makes ``logits``, ``prob`` (softmax), ``pred`` (one-hot argmax,
     ties to the lowest class), ``label`` (one-hot, keeping the label's meta data for the voxel spacing),
-    ``label_index`` (``1×X×Y×Z``), and for each calibrator ``prob_<name>`` (and ``pred_<name>`` when the
+    ``label_onehot`` (the same as a plain tensor), ``label_index`` (``1×X×Y×Z``), and for each calibrator ``prob_<name>`` (and ``pred_<name>`` when the
     calibrator can change the argmax). Soft reference labels under ``probs`` in the batch, when the dataset has
     them, are checked and passed on as ``soft``; other datasets simply have no ``soft``.
 
@@ -148,8 +148,9 @@ class EvaluationOutputs:
         out = dict(data)
         out["logits"] = z
         out["prob"] = torch.softmax(z, 0)
-        out["pred"] = _onehot(z.argmax(0), self.k)
+        out["pred"] = _onehot(z.max(0).indices, self.k)  # first maximum: ties to the lowest class
         onehot = _onehot(index, self.k).to(z.device)
+        out["label_onehot"] = onehot  # plain tensor: cheaper for DSC than a MetaTensor
         out["label"] = MetaTensor(onehot, meta=label.meta) if hasattr(label, "meta") else onehot
         out["label_index"] = index.reshape(1, *z.shape[1:]).to(z.device)
         image = _plain(data["image"]).float().to(z.device) if "image" in data else None
@@ -157,7 +158,7 @@ class EvaluationOutputs:
             zc = cal.calibrate(z[None], None if image is None else image[None], self.slice_axis)[0]
             out[f"prob_{name}"] = torch.softmax(zc, 0)
             if name not in self.ARGMAX_PRESERVING:
-                out[f"pred_{name}"] = _onehot(zc.argmax(0), self.k)
+                out[f"pred_{name}"] = _onehot(zc.max(0).indices, self.k)
         if data.get("probs") is not None:
             soft = _plain(data["probs"]).float().to(z.device)
             if soft.shape != z.shape:
@@ -233,7 +234,7 @@ class ConfidenceMapWriter:
                     "id": vid, "slice": s,
                     "image": image.select(self.axis, s).numpy(),
                     "label": label.select(self.axis, s).numpy(),
-                    "pred": out["pred"].argmax(0).cpu().select(self.axis, s).numpy(),
+                    "pred": out["pred"].max(0).indices.cpu().select(self.axis, s).numpy(),
                     "maxprob": maxprob.select(self.axis, s).numpy(),
                 })
             self.count += 1
@@ -275,7 +276,7 @@ def create_test_evaluator(
         prob = "prob" if method == "pre" else f"prob_{method}"
         pred = "pred" if method == "pre" else f"pred_{method}"
         if method == "pre" or method not in EvaluationOutputs.ARGMAX_PRESERVING:
-            metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label"]))
+            metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label_onehot"]))
             metrics[f"{p}asd"] = asd_handler(from_engine([pred, "label"]))
         metrics[f"{p}calibration"] = CalibrationMetrics(n_bins=n_bins, prefix=p,
                                                         output_transform=from_engine([prob, "label_index"]))
@@ -284,7 +285,7 @@ def create_test_evaluator(
     if monai_calibration_error:
         metrics[f"{prefix}monai_calibration_error"] = CalibrationError(
             num_bins=n_bins, include_background=False, calibration_reduction="expected", metric_reduction="mean",
-            output_transform=from_engine(["prob", "label"]), save_details=False)
+            output_transform=from_engine(["prob", "label_onehot"]), save_details=False)
     if logits:
         metrics[f"{prefix}logit_statistics"] = LogitStatistics(num_classes, prefix=prefix,
                                                                output_transform=from_engine(["logits", "label_index"]))
@@ -813,7 +814,8 @@ def _next_step(client, run_id: str) -> int:
     return 1 + max((m.step for m in history), default=-1)
 
 
-def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False) -> dict:
+def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False,
+                 runs_root: str | Path | None = None) -> dict:
     """``make evaluate RUN=…``: rebuild a trained run's network and data from its saved config, load its best
     weights, evaluate on the test volumes and log everything into the same MLflow run.
 
@@ -822,6 +824,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
             the folder above ``checkpoints/``). A run folder that no MLflow run records gets a new MLflow run.
         overrides: config overrides (``{"evaluation::noise::sigmas": []}``); ``evaluation`` settings missing from an
             older run's config take their defaults.
+        runs_root: where a run folder that is gone is restored from MLflow (default: ``runs/`` of the repository).
 
     Returns:
         what :func:`evaluate_trained` returns, plus ``run_id``, ``run_dir``, ``checkpoint``, ``how``, ``step``.
@@ -834,7 +837,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     from pipeline.tracking import RunTracker, tracking_uri
 
     uri = tracking_uri()
-    found = resolve_run(run, uri)
+    found = resolve_run(run, uri, Path(runs_root) if runs_root else None)
     run_dir, checkpoint = Path(found["run_dir"]), Path(found["checkpoint"])
     config = run_dir / "config.yaml"
     if not config.is_file():

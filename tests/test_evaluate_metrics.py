@@ -313,3 +313,34 @@ def test_nifti_maps_keep_the_affine(tmp_path):
     np.testing.assert_allclose(img.get_fdata(), vol.astype(np.float32))
     with pytest.raises(ValueError, match="expected an X×Y×Z volume"):
         report.write_nifti(np.zeros((2, 2)), affine, tmp_path / "bad.nii.gz")
+
+
+# ------------------------------------------------------------------------------------- surface distance
+@pytest.mark.parametrize("shape,spacing", [((9, 7, 5), (1.5, 0.7, 3.0)), ((12, 10), (2.0, 1.0)), ((6, 2, 5), None),
+                                           ((20, 18, 3), (2.0, 2.0, 2.0))])
+def test_fast_surface_distance_equals_monai(shape, spacing):
+    import warnings
+
+    from monai.metrics import compute_average_surface_distance
+
+    from pipeline.metrics.surface import mask_edges, symmetric_asd
+
+    g = torch.Generator().manual_seed(len(shape))
+    pred = (torch.rand(2, 3, *shape, generator=g) > 0.5).float()
+    true = (torch.rand(2, 3, *shape, generator=g) > 0.4).float()
+    true[1, 2] = 0  # one empty ground truth
+    pred[1, 2] = 0  # ... with an empty prediction: 0 by the rules
+    pred[0, 1] = 0  # an empty prediction against a non-empty truth: nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = compute_average_surface_distance(pred, true, include_background=True, symmetric=True, spacing=spacing)
+    got = symmetric_asd(pred, true, spacing)
+    finite = torch.isfinite(ref)
+    assert torch.allclose(got[finite], ref[finite], rtol=1e-5)
+    assert got[1, 2] == 0 and math.isnan(float(got[0, 1]))
+    import scipy.ndimage as ndi
+
+    m = true[0, 0].bool().numpy()
+    np.testing.assert_array_equal(mask_edges(true[0, :1].bool())[0].numpy(), m ^ ndi.binary_erosion(m))
+    with pytest.raises(ValueError, match="does not match the"):
+        symmetric_asd(pred, true, (1.0, 2.0, 3.0, 4.0))
