@@ -341,6 +341,6 @@ def test_fast_surface_distance_equals_monai(shape, spacing):
     import scipy.ndimage as ndi
 
     m = true[0, 0].bool().numpy()
-    np.testing.assert_array_equal(mask_edges(true[0, :1].bool())[0].numpy(), m ^ ndi.binary_erosion(m))
+    np.testing.assert_array_equal(mask_edges(true[0, :1].bool())[0], m ^ ndi.binary_erosion(m))
     with pytest.raises(ValueError, match="does not match the"):
         symmetric_asd(pred, true, (1.0, 2.0, 3.0, 4.0))

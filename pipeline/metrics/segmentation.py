@@ -40,11 +40,7 @@ def average_surface_distance(
     (symmetric, CPU) to float32 precision, all classes at once.
     """
     start = 0 if include_background else 1
-    asd = symmetric_asd(y_pred[:, start:], y[:, start:], spacing)
-    pred_empty = y_pred[:, start:].reshape(*asd.shape, -1).sum(-1) == 0
-    true_empty = y[:, start:].reshape(*asd.shape, -1).sum(-1) == 0
-    asd = torch.where(pred_empty & true_empty, torch.zeros_like(asd), asd)
-    return torch.where(pred_empty ^ true_empty, torch.full_like(asd, float("nan")), asd)
+    return symmetric_asd(y_pred[:, start:], y[:, start:], spacing)  # applies the empty rules above
 
 
 class SurfaceDistanceWithSpacing(CumulativeIterationMetric):

@@ -25,26 +25,25 @@ import torch
 from scipy.spatial import KDTree
 
 
-def mask_edges(masks: torch.Tensor) -> torch.Tensor:
-    """Edge voxels of binary masks ``N×spatial`` (any number of spatial dims), as a bool tensor of the same shape.
+def mask_edges(masks) -> np.ndarray:
+    """Edge voxels of binary masks ``N×spatial`` (any number of spatial dims), as a bool array of the same shape.
 
-    >>> m = torch.zeros(1, 5, 5, dtype=torch.bool); m[0, 1:4, 1:4] = True
-    >>> mask_edges(m)[0].int().tolist()[2]  # the middle row: only the centre voxel is interior
+    Computed with numpy views of a zero-padded copy (several times faster than the same with torch on CPU).
+
+    >>> m = np.zeros((1, 5, 5), dtype=bool); m[0, 1:4, 1:4] = True
+    >>> mask_edges(m)[0].astype(int).tolist()[2]  # the middle row: only the centre voxel is interior
     [0, 1, 0, 1, 0]
     """
-    m = masks.bool()
-    interior = m.clone()
+    m = np.asarray(masks.numpy() if isinstance(masks, torch.Tensor) else masks, dtype=bool)
+    nd = m.ndim - 1
+    padded = np.pad(m, [(0, 0)] + [(1, 1)] * nd)  # outside the volume: not in the mask
+    core = (slice(None),) + (slice(1, -1),) * nd
+    interior = m.copy()
     for d in range(1, m.ndim):
-        n = m.shape[d]
-        if n < 3:  # every voxel touches the border along this axis
-            return m.clone()
-        nxt = torch.zeros_like(m)
-        nxt.narrow(d, 0, n - 1).copy_(m.narrow(d, 1, n - 1))
-        prv = torch.zeros_like(m)
-        prv.narrow(d, 1, n - 1).copy_(m.narrow(d, 0, n - 1))
-        interior &= nxt & prv
-        interior.narrow(d, 0, 1).zero_()
-        interior.narrow(d, n - 1, 1).zero_()
+        for lo, hi in ((2, None), (0, -2)):  # the neighbour after and before along axis d
+            index = list(core)
+            index[d] = slice(lo, hi)
+            interior &= padded[tuple(index)]
     return m & ~interior
 
 
@@ -84,22 +83,22 @@ def symmetric_asd(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float
         scale = np.full(spatial, float(scale[0]))
     if scale.size != spatial:
         raise ValueError(f"spacing {list(scale)} does not match the {spatial} spatial dims of the masks")
-    pred = _plain(y_pred).detach().reshape(b * c, *y_pred.shape[2:]).cpu() != 0
-    true = _plain(y).detach().reshape(b * c, *y.shape[2:]).cpu() != 0
+    pred = (_plain(y_pred).detach().reshape(b * c, *y_pred.shape[2:]) != 0).cpu().numpy()
+    true = (_plain(y).detach().reshape(b * c, *y.shape[2:]) != 0).cpu().numpy()
     edges_pred, edges_true = mask_edges(pred), mask_edges(true)
-    has_p = edges_pred.flatten(1).any(1)
-    has_t = edges_true.flatten(1).any(1)
+    has_p = edges_pred.reshape(b * c, -1).any(1)
+    has_t = edges_true.reshape(b * c, -1).any(1)
     out = torch.full((b * c,), float("nan"), dtype=torch.float32)
-    out[~has_p & ~has_t] = 0.0
-    both = torch.nonzero(has_p & has_t).flatten()
+    out[torch.from_numpy(~has_p & ~has_t)] = 0.0
+    both = np.flatnonzero(has_p & has_t)
     if len(both):
         # one KD-tree query per direction for all (volume, class) pairs: each pair is moved along an extra axis
         # by more than any distance inside the volume, so a nearest neighbour is always of its own pair
-        ep, et = edges_pred[both].numpy(), edges_true[both].numpy()
+        ep, et = edges_pred[both], edges_true[both]
         gap = 2.0 * float(np.sqrt(((np.asarray(ep.shape[1:]) * scale) ** 2).sum())) + 1.0
         d1, i1 = _pair_distances(et, ep & ~et, scale, gap)  # predicted edge voxels → ground-truth edges
         d2, i2 = _pair_distances(ep, et & ~ep, scale, gap)  # and back; shared edge voxels are at distance 0
         n = ep.reshape(len(both), -1).sum(1) + et.reshape(len(both), -1).sum(1)
         total = np.bincount(i1, weights=d1, minlength=len(both)) + np.bincount(i2, weights=d2, minlength=len(both))
-        out[both] = torch.from_numpy(total / n).float()
+        out[torch.from_numpy(both)] = torch.from_numpy(total / n).float()
     return out.reshape(b, c).to(y_pred.device)
