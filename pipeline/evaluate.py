@@ -505,7 +505,9 @@ def fit_calibrators(network, val_volumes, settings: dict, num_classes: int, in_c
             calibrators["ts"] = ts
     if "lts" in settings["posthoc"]:
         cfg = settings["lts"]
-        tnet = TemperatureNet(num_classes, in_channels if cfg["use_image"] else 0, cfg["hidden"]).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same initial weights at training's end and in make evaluate
+            torch.manual_seed(seed)
+            tnet = TemperatureNet(num_classes, in_channels if cfg["use_image"] else 0, cfg["hidden"]).to(device)
         if cfg["init"] == "ts" and ts is not None:
             tnet.init_constant(ts.temperature)
         lts = LocalTemperatureScaling(network, tnet)
