@@ -59,3 +59,14 @@ clean:
 .PHONY: bench-backbones
 bench-backbones: $(STAMP)
 	$(PY) -m pipeline.benchmarks.backbones $(ARGS)
+
+.PHONY: evaluate bench-evaluation
+
+## evaluate a trained run again and log into the same MLflow run: make evaluate RUN=<MLflow run id | runs/<name> | checkpoint> ARGS="--set evaluation::noise::sigmas=[]"
+evaluate: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline evaluate "$(RUN)" $(ARGS)
+
+## time the test evaluation of one volume against the network alone: make bench-evaluation [RUN=…]
+bench-evaluation: $(STAMP)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.benchmarks.evaluation $(if $(RUN),--run "$(RUN)") $(ARGS)

@@ -45,9 +45,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     print()
     print(f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
     print(out["table"])
+    if out.get("posthoc_table"):
+        print()
+        print("Post-hoc calibration (fitted on the validation volumes), test volumes:")
+        print(out["posthoc_table"])
     print()
     print(f"run folder : {out['run_dir']}")
     print(f"MLflow run : {out['run_id']}  (make ui, then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate_run
+
+    out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet)
+    print()
+    print("Test results:")
+    print(out["table"])
+    if out["posthoc_table"]:
+        print()
+        print("Post-hoc calibration (fitted on the validation volumes), test volumes:")
+        print(out["posthoc_table"])
+    if out["noise_table"]:
+        print()
+        print("Gaussian noise on the test images:")
+        print(out["noise_table"])
+    print()
+    print(f"run folder : {out['run_dir']}  (summary.md, figures, maps/, posthoc/)")
+    print(f"MLflow run : {out['run_id']}  (test metrics at step {out['step']})")
     return 0
 
 
@@ -65,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", default=None, help="MLflow run name and run folder (default: generated)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="evaluate a trained run on its test volumes and log into the same MLflow run")
+    p.add_argument("run", help="MLflow run id or name, run folder (runs/<name>), or checkpoint file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the run, e.g. --set evaluation::noise::sigmas=[]")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 

@@ -1,12 +1,12 @@
 """``run_training``: the whole path from a config to a trained, evaluated and logged model.
 
 data (source → validation → split → cached volumes → 2D slices) → network → loss → Ignite trainer with
-validation, best-checkpoint and MLflow handlers → test evaluation on whole volumes → table, files, MLflow.
+validation, best-checkpoint and MLflow handlers → test evaluation (``pipeline.evaluate.evaluate_trained``:
+post-hoc calibration, metrics, analyses, reports) → table, files, MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -84,8 +84,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
 
     from pipeline.data.loading import train_loader, volume_loader
     from pipeline.engines import create_evaluator, create_trainer
-    from pipeline.evaluate import mlflow_metrics, run_evaluation, summarise
-    from pipeline.report import reliability_diagram, results_table, write_per_volume_csv
+    from pipeline.evaluate import evaluate_trained
     from pipeline.tracking import RunTracker, flatten, git_commit
 
     def value(key: str):
@@ -183,33 +182,19 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
     best = _best_checkpoint(best_saver)
     if best is not None:
         load_weights(network, best)
-    t1 = time.time()
-    test_cases = data["cases"]["test"]
-    test_eval = run_evaluation(network, volume_loader(data["volumes"]["test"]), device, class_names, slice_axis,
-                               int(value("n_bins")), amp=amp)
-    results = summarise(test_eval, class_names, [c["id"] for c in test_cases])
-    test_s = time.time() - t1
-
-    table = results_table(results)
-    label = f"{names['loss']} · {names['backbone']} · {names['dataset']}"
-    plot = reliability_diagram(results["reliability"], run_dir / "reliability.png",
-                               f"{label}: foreground voxels, {results['n_volumes']} test volumes",
-                               results["mean"]["ece_pooled"])
-    write_per_volume_csv(run_dir / "per_volume.csv", results["per_volume"])
-    summary = {k: v for k, v in results.items() if k not in ("per_volume", "reliability")}
-    summary.update(run_id=tracker.run_id, best_val_dsc=float(evaluator.state.best_metric),
-                   best_epoch=int(evaluator.state.best_metric_epoch), train_seconds=train_s, test_seconds=test_s)
-    write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=float)))
-    (run_dir / "results.txt").write_text(table + "\n")
-
-    tracker.log_metrics(mlflow_metrics(results))
-    tracker.log_metrics({"val/best_dsc": summary["best_val_dsc"], "best_epoch": summary["best_epoch"],
-                         "time/train_s": train_s, "time/test_s": test_s})
-    for f in ("reliability.png", "per_volume.csv", "metrics.json", "results.txt"):
-        tracker.log_artifact(run_dir / f)
+    training = {"best_val_dsc": float(evaluator.state.best_metric), "best_epoch": int(evaluator.state.best_metric_epoch),
+                "train_seconds": train_s}
+    tracker.log_metrics({"val/best_dsc": training["best_val_dsc"], "best_epoch": training["best_epoch"],
+                         "time/train_s": train_s})
     if best is not None:
         tracker.log_artifact(best, "checkpoints")
         tracker.set_tags({"best_checkpoint": str(best)})
+    try:
+        out = evaluate_trained(parser, network, data, run_dir, tracker, step=0, checkpoint=best,
+                               extra_summary=training, quiet=quiet)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     tracker.finish()
-    return {"run_id": tracker.run_id, "run_dir": run_dir, "results": results, "table": table,
-            "best_checkpoint": best, "plot": plot}
+    return {"run_id": tracker.run_id, "run_dir": run_dir, "results": out["results"], "table": out["table"],
+            "posthoc_table": out["posthoc_table"], "best_checkpoint": best, "plot": out["plot"], "evaluation": out}

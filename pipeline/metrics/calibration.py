@@ -86,18 +86,18 @@ def bin_index(values: torch.Tensor, n_bins: int) -> torch.Tensor:
 def _grouped_bins(group: torch.Tensor, values: torch.Tensor, targets: torch.Tensor, n_groups: int, n_bins: int):
     """Sum count, value and target per (group, bin): a ``n_groups × n_bins × 3`` float64 tensor."""
     b = bin_index(values, n_bins)
-    keep = b >= 0
-    flat = (group[keep] * n_bins + b[keep]).long()
     size = n_groups * n_bins
+    # values in no bin (<= 0) go to an extra slot that is dropped: no boolean indexing (the slow part on CPU)
+    flat = torch.where(b >= 0, group.long() * n_bins + b, size)
     out = torch.stack(
         [
-            torch.bincount(flat, minlength=size).double(),
-            torch.bincount(flat, weights=values[keep].double(), minlength=size),
-            torch.bincount(flat, weights=targets[keep].double(), minlength=size),
+            torch.bincount(flat, minlength=size + 1).double(),
+            torch.bincount(flat, weights=values.double(), minlength=size + 1),
+            torch.bincount(flat, weights=targets.double(), minlength=size + 1),
         ],
         dim=-1,
     )
-    return out.reshape(n_groups, n_bins, 3)
+    return out[:size].reshape(n_groups, n_bins, 3)
 
 
 @dataclass
@@ -192,9 +192,9 @@ def calibration_statistics(probs, labels, n_bins: int = 15, foreground_only: boo
         keep = y != 0
         p, y = p[:, keep], y[keep]
     p = p.double()
-    # argmax gives the first maximal index: ties go to the lowest class.
-    pred = p.argmax(0)
-    conf = p.gather(0, pred[None])[0]
+    # max over dim 0 gives the first maximal index (ties go to the lowest class), and is several times faster on CPU
+    # than argmax over the leading dim
+    conf, pred = p.max(0)
     correct = (pred == y).double()
     top = _grouped_bins(y, conf, correct, n_classes, n_bins)
     onehot = torch.zeros_like(p)

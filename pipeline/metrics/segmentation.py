@@ -12,14 +12,15 @@ The spacing is read from each label's affine (MONAI ``MetaTensor.pixdim``) unles
 
 from __future__ import annotations
 
-import warnings
 
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.handlers import IgniteMetricHandler
-from monai.metrics import CumulativeIterationMetric, DiceMetric, compute_average_surface_distance
+from monai.metrics import CumulativeIterationMetric, DiceMetric
 from monai.metrics.utils import do_metric_reduction
+
+from pipeline.metrics.surface import symmetric_asd
 
 
 def _spacing_of(y: torch.Tensor, n_spatial: int) -> list[float] | None:
@@ -33,18 +34,13 @@ def _spacing_of(y: torch.Tensor, n_spatial: int) -> list[float] | None:
 def average_surface_distance(
     y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float] | None = None, include_background: bool = False
 ) -> torch.Tensor:
-    """Symmetric ASD of one-hot ``B×K×spatial`` masks, ``B×K'`` (K' = K−1 without background), empty rules above."""
-    with warnings.catch_warnings():  # empty masks are handled by the rules below
-        warnings.filterwarnings("ignore", message=".*all 0, this may result in nan/inf distance.*")
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        asd = compute_average_surface_distance(
-            y_pred, y, include_background=include_background, symmetric=True, spacing=spacing
-        )
+    """Symmetric ASD of one-hot ``B×K×spatial`` masks, ``B×K'`` (K' = K−1 without background), empty rules above.
+
+    Computed by :func:`pipeline.metrics.surface.symmetric_asd`: MONAI's ``compute_average_surface_distance``
+    (symmetric, CPU) to float32 precision, all classes at once.
+    """
     start = 0 if include_background else 1
-    pred_empty = y_pred[:, start:].reshape(*asd.shape, -1).sum(-1) == 0
-    true_empty = y[:, start:].reshape(*asd.shape, -1).sum(-1) == 0
-    asd = torch.where(pred_empty & true_empty, torch.zeros_like(asd), asd)
-    return torch.where(pred_empty ^ true_empty, torch.full_like(asd, float("nan")), asd)
+    return symmetric_asd(y_pred[:, start:], y[:, start:], spacing)  # applies the empty rules above
 
 
 class SurfaceDistanceWithSpacing(CumulativeIterationMetric):

@@ -1,0 +1,202 @@
+"""Benchmark of the test evaluation: the cost of evaluating one test volume against the cost of running the network
+over it, and the cost of the extra analyses (post-hoc fitting, noise sweep, reports).
+
+``make bench-evaluation [RUN=<MLflow run id, run folder or checkpoint>]`` runs
+``python -m pipeline.benchmarks.evaluation [--run RUN]``. Without a run it uses the default configuration (mni, ce,
+unet) with freshly initialised weights, which predict noisier masks than a trained network (more surface for ASD).
+
+Target: evaluating one test volume of the default dataset (network + every default metric, pre/TS/LTS) costs no
+more than 2× the network alone. Times are medians over ``--repeats`` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _setup(run: str | None):
+    from monai.bundle import ConfigParser
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import resolve_run
+    from pipeline.train import load_weights
+
+    if run:
+        found = resolve_run(run)
+        parser = ConfigParser()
+        parser.read_config(str(Path(found["run_dir"]) / "config.yaml"))
+        if (Path(found["run_dir"]) / "splits.json").is_file():
+            parser["split_file"] = str(Path(found["run_dir"]) / "splits.json")
+        network = parser.get_parsed_content("network")
+        load_weights(network, found["checkpoint"])
+        what = f"trained weights {found['checkpoint']}"
+    else:
+        torch.manual_seed(0)
+        parser = load_config("mni", "ce", "unet")
+        network = parser.get_parsed_content("network")
+        what = "freshly initialised weights (pass RUN=… for a trained network)"
+    return parser, network.eval(), what
+
+
+def _breakdown(network, volumes, inferer, k: int, axis: int, n_bins: int, calibrators: dict, repeats: int) -> dict:
+    """Median time (s) of each step of the evaluation of one volume, run alone."""
+    from monai.handlers import CalibrationError  # noqa: F401  (the metric behind it)
+    from monai.metrics import CalibrationErrorMetric, DiceMetric
+    from monai.transforms import Decollated
+
+    from pipeline.analysis import adaptive_ece, logit_sums, soft_label_calibration
+    from pipeline.data.loading import volume_loader
+    from pipeline.evaluate import EvaluationOutputs
+    from pipeline.metrics.calibration import calibration_statistics
+    from pipeline.metrics.segmentation import _spacing_of, average_surface_distance
+
+    loader = volume_loader(volumes)
+    out: dict[str, float] = {}
+    out["load and collate the volume"] = _median_time(lambda: next(iter(loader)), repeats)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        z = inferer(batch["image"], network)
+    dec = Decollated(keys=None, detach=True)
+    item = {"image": batch["image"], "label": batch["label"], "pred": z}
+    out["decollate batch and output"] = _median_time(lambda: (dec(dict(batch)), dec(dict(item))), repeats)
+    merged = {**dec(dict(batch))[0], **dec(dict(item))[0]}
+    post = EvaluationOutputs(k, {}, axis)
+    out["postprocessing (softmax, one-hot)"] = _median_time(lambda: post(dict(merged)), repeats)
+    o = post(dict(merged))
+    y = o["label_index"]
+    spacing = _spacing_of(o["label"], o["label"].ndim - 1)
+    dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+    monai_ce = CalibrationErrorMetric(n_bins, include_background=False)
+    steps = {
+        "DSC (MONAI DiceMetric)": lambda: dice(y_pred=[o["pred"]], y=[o["label_onehot"]]),
+        "ASD (all classes)": lambda: average_surface_distance(o["pred"][None], o["label_onehot"][None], spacing),
+        "ECE/CECE/NLL/Brier (calibration_statistics)": lambda: calibration_statistics(o["prob"], y, n_bins),
+        "adaptive ECE": lambda: adaptive_ece(o["prob"], y, n_bins),
+        "MONAI CalibrationErrorMetric": lambda: monai_ce(y_pred=[o["prob"]], y=[o["label_onehot"]]),
+        "logit statistics": lambda: logit_sums(o["logits"], y),
+    }
+    if "soft" in o:
+        steps["soft-label Brier/KL/ECE"] = lambda: soft_label_calibration(o["prob"], o["soft"], y, n_bins)
+    for name, fn in steps.items():
+        out[name] = _median_time(fn, repeats)
+    image = o["image"].as_tensor()[None] if hasattr(o["image"], "as_tensor") else o["image"][None]
+    for name, cal in calibrators.items():
+        with torch.no_grad():
+            out[f"{name.upper()} applied to the logits"] = _median_time(
+                lambda cal=cal: cal.calibrate(o["logits"][None], image, axis), repeats)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.evaluation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=None, help="MLflow run id, run folder or checkpoint (default: untrained)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed repetitions (default 7)")
+    ap.add_argument("--no-analyses", action="store_true", help="skip timing the post-hoc fitting, noise, reports")
+    args = ap.parse_args(argv)
+
+    from monai.inferers import Inferer  # noqa: F401  (imports MONAI before any timing)
+
+    from pipeline.data.loading import volume_loader
+    from pipeline.engines import SliceBatchInferer
+    from pipeline.evaluate import create_test_evaluator, evaluation_settings, fit_calibrators, run_engine
+    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
+    from pipeline.train import prepare_data
+
+    parser, network, what = _setup(args.run)
+    data = prepare_data(parser)
+    dataset = data["dataset"]
+    k, axis = len(dataset["class_names"]), int(dataset["slice_axis"])
+    n_bins = int(parser.get_parsed_content("n_bins"))
+    device = parser.get_parsed_content("device")
+    network.to(device)
+    test = data["volumes"]["test"]
+    one = [test[0]]
+    image = one[0]["image"][None].to(device)
+    inferer = SliceBatchInferer(spatial_dim=axis)
+
+    def network_only():
+        with torch.no_grad():
+            out = inferer(image, network)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def evaluate(calibrators):
+        def fn():
+            ev = create_test_evaluator(network, volume_loader(one), device, k, axis, n_bins, calibrators)
+            t0 = time.perf_counter()
+            run_engine(ev)
+            return time.perf_counter() - t0
+
+        return fn
+
+    def median_run(fn) -> float:
+        fn()
+        return statistics.median(fn() for _ in range(args.repeats))
+
+    ts = TemperatureScaling(network, 1.1).to(device).eval()
+    lts = LocalTemperatureScaling(network, TemperatureNet(k, int(dataset.get("in_channels", 1)))).to(device).eval()
+    t_net = _median_time(network_only, args.repeats)
+    t_pre = median_run(evaluate({}))
+    t_all = median_run(evaluate({"ts": ts, "lts": lts}))
+    shape = "×".join(str(s) for s in one[0]["image"].shape[1:])
+    print(f"evaluation benchmark: dataset {parser['dataset_name']}, backbone {parser['backbone_name']}, {what}")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, one test volume {one[0].get('id', '?')} "
+          f"({shape} voxels), median of {args.repeats} runs")
+    print(f"  network over the volume (slice by slice)           {1000 * t_net:8.1f} ms")
+    print(f"  evaluation of the volume, pre only                 {1000 * t_pre:8.1f} ms  ({t_pre / t_net:.2f}× network)")
+    print(f"  evaluation of the volume, pre + TS + LTS (default) {1000 * t_all:8.1f} ms  ({t_all / t_net:.2f}× network)")
+    ok = t_all <= 2 * t_net
+    print(f"  target: evaluation ≤ 2× network: {'met' if ok else 'NOT met'}")
+    print("  where the time goes (each step alone on the same volume, median):")
+    for name, ms in _breakdown(network, one, inferer, k, axis, n_bins, {"ts": ts, "lts": lts}, args.repeats).items():
+        print(f"    {name:<44} {1000 * ms:6.2f} ms")
+
+    if not args.no_analyses:
+        from pipeline.analysis import noise_sweep
+        from pipeline.evaluate import evaluate_trained
+
+        settings = evaluation_settings(parser.get("evaluation") if "evaluation" in parser.get() else None)
+        print(f"extra analyses on all {len(test)} test / {len(data['volumes'].get('val', []))} validation volumes, "
+              "default settings (one run each):")
+        t0 = time.perf_counter()
+        _, info = fit_calibrators(network, data["volumes"]["val"], settings, k, int(dataset.get("in_channels", 1)),
+                                  axis, device, say=lambda _: None)
+        t_fit = time.perf_counter() - t0
+        for name, d in info.items():
+            print(f"  fit {name.upper():<4} {d['seconds']:6.2f} s")
+        t0 = time.perf_counter()
+        noise_sweep(network, volume_loader(test), device, k, axis, settings["noise"]["sigmas"],
+                    int(settings["noise"]["seed"]), n_bins)
+        print(f"  noise sweep ({len(settings['noise']['sigmas'])} σ)  {time.perf_counter() - t0:6.2f} s")
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            out = evaluate_trained(parser, network, data, Path(tmp), None, settings=settings, quiet=True)
+            total = time.perf_counter() - t0
+        tm = out["timings"]
+        print(f"  whole evaluation  {total:6.2f} s  (post-hoc fit {tm['posthoc_fit_s']:.2f}, test pass "
+              f"{tm['test_s']:.2f}, noise {tm['noise_s']:.2f}, reports {tm['reports_s']:.2f}); fit alone above: "
+              f"{t_fit:.2f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
