@@ -1,0 +1,1 @@
+"""Dataset sources, caching and slicing."""

@@ -1,0 +1,97 @@
+"""Dataset sources: each reads one dataset's on-disk layout into a list of cases and proposes a split.
+
+A *case* is a dict of file paths for MONAI's ``LoadImaged``: ``image`` (a path, or a list of paths for stacked
+modalities), ``label``, optionally ``probs`` (soft reference labels, ``K`` channels), and ``id``. Everything after
+the source (transforms, caching, slicing, training) is the same for every dataset; the dataset's config selects
+its source and preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset folder is missing or does not hold the expected layout; the message says what and where."""
+
+
+class InvalidDatasetError(ValueError):
+    """The dataset holds bad cases; the message lists every problem found, one per line, naming each case."""
+
+
+class DatasetSource(ABC):
+    """Reads a dataset folder into cases.
+
+    Args:
+        root: the dataset folder.
+    """
+
+    #: a short name, the same as the dataset's config file name
+    name: str = ""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @abstractmethod
+    def cases(self) -> list[dict]:
+        """All cases of the dataset, sorted by ``id``. Raises :class:`DatasetNotFoundError` when absent."""
+
+    @abstractmethod
+    def split(self, cases: list[dict], seed: int) -> dict[str, list[str]]:
+        """Case ids per split (``train``, ``val``, ``test``), deterministic for a given seed."""
+
+    def validate(self, cases: list[dict]) -> list[str]:
+        """Problems found in the cases (empty when all is well): one message per problem, naming the case."""
+        return []
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON through a temporary file and a rename, so that a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_split_file(path: str | os.PathLike, cases: list[dict]) -> dict[str, list[str]]:
+    """Read a user's split file (``{"train": [ids], "val": [ids], "test": [ids]}``) and check it against the cases.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: malformed content, unknown case ids, a case in two splits, or an empty train/test split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    try:
+        split = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"split file {path} is not valid JSON: {e}") from e
+    if not isinstance(split, dict) or any(k not in split for k in SPLITS):
+        raise ValueError(f"split file {path} must be a JSON object with keys {list(SPLITS)}")
+    known = {c["id"] for c in cases}
+    seen: dict[str, str] = {}
+    for part in SPLITS:
+        for cid in split[part]:
+            if cid not in known:
+                raise ValueError(f"split file {path}: case '{cid}' in '{part}' is not in the dataset")
+            if cid in seen:
+                raise ValueError(f"split file {path}: case '{cid}' is in both '{seen[cid]}' and '{part}'")
+            seen[cid] = part
+    for part in ("train", "test"):
+        if not split[part]:
+            raise ValueError(f"split file {path}: the '{part}' split is empty")
+    return {part: list(split[part]) for part in SPLITS}
