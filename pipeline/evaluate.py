@@ -31,22 +31,28 @@ def run_evaluation(
     n_bins: int = 15,
     prefix: str = "test/",
     amp: bool = False,
+    regions=None,
 ):
-    """Evaluate ``network`` on the volumes of ``loader``; return the finished evaluator engine."""
+    """Evaluate ``network`` on the volumes of ``loader``; return the finished evaluator engine.
+
+    ``regions`` (``{name: [training classes]}``, the dataset's ``eval_regions``): DSC and ASD per region.
+    """
     evaluator = create_evaluator(
         network, loader, device, len(class_names), slice_axis, prefix=prefix, surface_distance=True,
-        n_bins=n_bins, amp=amp,
+        n_bins=n_bins, amp=amp, regions=list(regions.values()) if regions else None,
     )
     evaluator.run()
     return evaluator
 
 
-def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], prefix: str = "test/") -> dict:
+def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], prefix: str = "test/",
+              region_names: Sequence[str] | None = None) -> dict:
     """Turn an evaluator's metrics and details into the results dict used by reports and MLflow.
 
     Per foreground class: mean over volumes of DSC, ASD, per-class ECE and SCE (``nan`` entries skipped). The
     ``mean`` entry: DSC and ASD averaged over foreground classes, and ECE, CECE, NLL, Brier as the mean over volumes
-    (the paper's protocol), with the pooled ECE/CECE beside them.
+    (the paper's protocol), with the pooled ECE/CECE beside them. With ``region_names`` (evaluation regions), DSC
+    and ASD are per region (entries of their own in ``per_class``; ``region_names`` in the result).
     """
     state = evaluator.state
     details = state.metric_details
@@ -57,26 +63,29 @@ def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], 
     ece_pc = np.array([v["ece_per_class"] for v in vols], dtype=float)
     sce_pc = np.array([v["sce_per_class"] for v in vols], dtype=float)
     fg = list(class_names[1:])
+    seg = list(region_names) if region_names else fg
 
     per_class = {class_names[0]: {"dsc": math.nan, "asd": math.nan, "ece": math.nan, "sce": _nanmean(sce_pc[:, 0])}}
     for j, name in enumerate(fg):
         per_class[name] = {
-            "dsc": _nanmean(dsc[:, j]),
-            "asd": _nanmean(asd[:, j]),
+            "dsc": math.nan if region_names else _nanmean(dsc[:, j]),
+            "asd": math.nan if region_names else _nanmean(asd[:, j]),
             "ece": _nanmean(ece_pc[:, j + 1]),
             "sce": _nanmean(sce_pc[:, j + 1]),
         }
+    for j, name in enumerate(region_names or []):
+        per_class[name] = {"dsc": _nanmean(dsc[:, j]), "asd": _nanmean(asd[:, j]), "ece": math.nan, "sce": math.nan}
     m = state.metrics
     mean = {
-        "dsc": _nanmean([per_class[n]["dsc"] for n in fg]),
-        "asd": _nanmean([per_class[n]["asd"] for n in fg]),
+        "dsc": _nanmean([per_class[n]["dsc"] for n in seg]),
+        "asd": _nanmean([per_class[n]["asd"] for n in seg]),
         **{k: float(m[f"{prefix}{k}"]) for k in ("ece", "cece", "nll", "brier", "ece_pooled", "cece_pooled")},
     }
     rows = []
     for i, vid in enumerate(volume_ids):
         row = {"id": vid}
-        row.update({f"dsc_{n}": float(dsc[i, j]) for j, n in enumerate(fg)})
-        row.update({f"asd_{n}": float(asd[i, j]) for j, n in enumerate(fg)})
+        row.update({f"dsc_{n}": float(dsc[i, j]) for j, n in enumerate(seg)})
+        row.update({f"asd_{n}": float(asd[i, j]) for j, n in enumerate(seg)})
         row.update({k: vols[i][k] for k in ("ece", "cece", "nll", "brier", "n_kept")})
         row.update({f"ece_{n}": float(ece_pc[i, j]) for j, n in enumerate(class_names)})
         row.update({f"sce_{n}": float(sce_pc[i, j]) for j, n in enumerate(class_names)})
@@ -91,6 +100,7 @@ def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], 
         notes.append(f"{skipped} volume(s) without ground-truth foreground: no calibration value, skipped")
     return {
         "class_names": list(class_names),
+        "region_names": list(region_names or []),
         "n_volumes": len(volume_ids),
         "per_class": per_class,
         "mean": mean,
