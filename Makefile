@@ -22,7 +22,7 @@ SELECT = --dataset $(DATASET) --loss $(LOSS) --backbone $(BACKBONE) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
 	$(if $(LOSS_ARGS),--loss-args "$(LOSS_ARGS)") $(if $(SPLIT_FILE),--split-file "$(SPLIT_FILE)")
 
-.PHONY: install train test ui list clean
+.PHONY: install train test ui list clean demo-data bench-data
 
 install: $(STAMP)
 
@@ -54,3 +54,12 @@ list: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## write a synthetic sample in a dataset's official layout (default data/demo/<dataset>):
+##   make demo-data DATASET=acdc [DATA_DIR=…] [ARGS="--cases 6 --option layout=promise12"]
+demo-data: $(STAMP)
+	$(PY) -m pipeline demo-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(ARGS)
+
+## time and peak memory of validating and caching a dataset (default: its demo sample): make bench-data DATASET=acdc
+bench-data: $(STAMP)
+	$(PY) -m pipeline bench-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")

@@ -30,14 +30,14 @@ def is_demo_folder(path: str | os.PathLike) -> bool:
 
 def source_class(dataset: str, config_dir: Path | None = None):
     """The source class a dataset's config selects (``dataset::source::_target_``)."""
-    from monai.utils import locate
+    from pydoc import locate
 
     from pipeline.config import load_config
 
     parser = load_config(dataset, config_dir=config_dir)
     target = parser["dataset"]["source"]["_target_"]
     cls = locate(target)
-    if not hasattr(cls, "write_demo"):
+    if cls is None or not hasattr(cls, "write_demo"):
         raise ValueError(f"the source of dataset '{dataset}' ({target}) cannot write demo data")
     return cls
 
@@ -64,9 +64,8 @@ def write_demo_data(
     Raises:
         FileExistsError: ``dest`` exists, is not empty and is not a demo folder written here.
     """
-    from pipeline.config import REPO_ROOT
+    from pipeline.config import REPO_ROOT, available
     from pipeline.registry import check_name
-    from pipeline.config import available
 
     check_name(dataset, available("dataset", config_dir), "dataset")
     cls = source_class(dataset, config_dir)
@@ -111,11 +110,23 @@ def ellipsoid(coords: Sequence[np.ndarray], center: Sequence[float], radii: Sequ
 
 
 def smooth_noise(shape: Sequence[int], rng: np.random.Generator, sigma: float = 2.0) -> np.ndarray:
-    """Zero-mean, unit-variance Gaussian noise smoothed over ``sigma`` voxels (tissue texture, bias fields)."""
-    from scipy.ndimage import gaussian_filter
+    """Zero-mean, unit-variance Gaussian noise smoothed over ``sigma`` voxels (tissue texture, bias fields).
 
-    n = gaussian_filter(rng.standard_normal(tuple(shape)), sigma)
-    return (n - n.mean()) / (n.std() + 1e-8)
+    Wide kernels are applied on a coarser grid and interpolated back (the result is smooth either way), which keeps
+    full-size volumes (e.g. 240×240×155) fast.
+    """
+    from scipy.ndimage import gaussian_filter, zoom
+
+    shape = tuple(int(s) for s in shape)
+    f = max(1, int(sigma // 2))
+    if f > 1:
+        coarse = tuple(max(2, -(-s // f)) for s in shape)
+        n = gaussian_filter(rng.standard_normal(coarse), sigma / f, mode="wrap")
+        n = zoom(n, [s / c for s, c in zip(shape, coarse)], order=1, grid_mode=True, mode="grid-wrap")
+        n = n[tuple(slice(0, s) for s in shape)]
+    else:
+        n = gaussian_filter(rng.standard_normal(shape), sigma)
+    return ((n - n.mean()) / (n.std() + 1e-8)).astype(np.float32)
 
 
 def affine_from(spacing: Sequence[float], shape: Sequence[int], flip: Sequence[int] = (1, 1, 1)) -> np.ndarray:
@@ -140,15 +151,49 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype=None) -> 
 
 
 def mri_intensity(label: np.ndarray, means: dict[int, float], rng: np.random.Generator, noise: float = 0.04,
-                  bias: float = 0.08, scale: float = 1000.0) -> np.ndarray:
-    """An MR-like image: a mean per label value, a smooth bias field, smooth texture and Rician-like noise,
-    as unsigned 16-bit-like values (``scale`` times the mean)."""
-    img = np.zeros(label.shape, dtype=np.float32)
-    for value, mean in means.items():
-        img[label == value] = mean
+                  bias: float = 0.08, scale: float = 1000.0, fields: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> np.ndarray:
+    """An MR-like image: a mean per tissue value of ``label``, a smooth multiplicative bias field, smooth texture
+    and Rician noise (magnitude of complex Gaussian noise), times ``scale``.
+
+    Args:
+        fields: ``(bias field, texture)`` (unit-variance, from :func:`smooth_noise`) to reuse across the modalities
+            of one subject; drawn when ``None``.
+    """
     shape = label.shape
-    img *= 1.0 + bias * smooth_noise(shape, rng, sigma=max(2.0, min(shape) / 4))
-    img += 0.5 * noise * smooth_noise(shape, rng, sigma=1.0) * (img > 0)
-    re = img + noise * rng.standard_normal(shape)
-    im = noise * rng.standard_normal(shape)
+    if fields is None:
+        fields = (smooth_noise(shape, rng, sigma=max(2.0, min(shape) / 4)), smooth_noise(shape, rng, sigma=1.0))
+    lut = np.zeros(int(label.max()) + 1, dtype=np.float32)
+    for value, mean in means.items():
+        if value < lut.size:
+            lut[value] = mean
+    img = lut[label]
+    img *= 1.0 + bias * fields[0]
+    img += 0.5 * noise * fields[1] * (img > 0)
+    re = img + noise * rng.standard_normal(shape, dtype=np.float32)
+    im = noise * rng.standard_normal(shape, dtype=np.float32)
     return (np.sqrt(re**2 + im**2) * scale).astype(np.float32)
+
+
+def write_mhd(data: np.ndarray, spacing: Sequence[float], offset: Sequence[float], path: Path,
+              orientation: str = "RAI") -> Path:
+    """Save a 3D ``x, y, z`` array as MetaImage: ``path`` (``.mhd`` header) and a ``.raw`` file beside it (x fastest,
+    little-endian, uncompressed, identity direction), as the PROMISE12 archives hold them."""
+    types = {np.dtype(np.int16): "MET_SHORT", np.dtype(np.uint8): "MET_UCHAR", np.dtype(np.float32): "MET_FLOAT",
+             np.dtype(np.uint16): "MET_USHORT"}
+    arr = np.asarray(data)
+    if arr.dtype not in types:
+        raise ValueError(f"unsupported MetaImage element type {arr.dtype}; expected one of {list(types)}")
+    raw = path.with_suffix(".raw")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_bytes(np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(arr.dtype.newbyteorder("<")).tobytes())
+    header = [
+        "ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+        "CompressedData = False", "TransformMatrix = 1 0 0 0 1 0 0 0 1",
+        f"Offset = {' '.join(f'{v:g}' for v in offset)}", "CenterOfRotation = 0 0 0",
+        f"AnatomicalOrientation = {orientation}", f"ElementSpacing = {' '.join(f'{v:g}' for v in spacing)}",
+        f"DimSize = {' '.join(str(n) for n in arr.shape)}", f"ElementType = {types[arr.dtype]}",
+        f"ElementDataFile = {raw.name}",
+    ]
+    path.write_text("\n".join(header) + "\n")
+    return path

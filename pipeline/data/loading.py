@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
-from monai.transforms import Compose
+from monai.transforms import Compose, Transform
 from torch.utils.data import Dataset
 
 TRAIN_KEYS = ("image", "label")
@@ -36,16 +36,20 @@ CACHE_MODES = ("memory", "disk", "auto")
 _DISK_FORMAT = 1
 
 
-class CheckFinited:
-    """A transform that stops with the case's id and file when an image holds NaN or infinite values."""
+class CheckFinited(Transform):
+    """A transform that stops with the case's id and file when an image holds NaN or infinite values.
+
+    Deterministic (a MONAI ``Transform``), so ``CacheDataset`` runs it once, when caching.
+    """
 
     def __init__(self, keys: Sequence[str] = ("image",)) -> None:
         self.keys = tuple(keys)
 
     def __call__(self, data: dict) -> dict:
         for k in self.keys:
-            if k in data and isinstance(data[k], torch.Tensor) and not torch.isfinite(data[k]).all():
-                n = int((~torch.isfinite(data[k])).sum())
+            t = data.get(k)
+            if isinstance(t, torch.Tensor) and not torch.isfinite(_plain(t)).all():
+                n = int((~torch.isfinite(_plain(t))).sum())
                 raise ValueError(
                     f"case {data.get('id', '?')}: {n} NaN or infinite value(s) in '{k}' after preprocessing "
                     f"({getattr(data[k], 'meta', {}).get('filename_or_obj', 'file unknown')})"
