@@ -75,6 +75,7 @@ database/
 """
     channels = 1
     default_label_values = (0, 1, 2, 3)
+    demo_cases = 10
 
     def __init__(self, root, subsets: Sequence[str] = ("training",), split_counts: Sequence[int] = (70, 10, 20),
                  stratify: str | None = "group", **kwargs) -> None:
@@ -137,7 +138,7 @@ database/
         crescent on the septal side, shrinking from base to apex and from ED to ES; ``Info.cfg``, the 4D file
         (``n_frames`` frames) and the ED and ES frames with their ground truth."""
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 10)
+        n = int(n_cases or cls.demo_cases)
         shape = tuple(int(s) for s in (shape or (160, 160, 9)))
         spacing = (1.5625, 1.5625, 10.0) if shape[0] >= 64 else (250.0 / shape[0], 250.0 / shape[1], 10.0)
         for i in range(n):

@@ -59,6 +59,7 @@ MICCAI_BraTS_2019_Data_Training/
   LGG/BraTS19_2013_0_1/ ...
 """
     default_label_values = (0, 1, 2, 4)
+    demo_cases = 8
 
     def __init__(self, root, modalities: Sequence[str] = MODALITIES, split_counts: Sequence[int] = (235, 35, 65),
                  stratify: str | None = "grade", **kwargs) -> None:
@@ -102,7 +103,7 @@ MICCAI_BraTS_2019_Data_Training/
         nested regions, each visible differently per modality: edema bright in FLAIR and T2, the enhancing rim
         bright in T1ce, the necrotic core dark in T1 and T1ce. LGG tumours have no enhancing part."""
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 8)
+        n = int(n_cases or cls.demo_cases)
         shape = tuple(int(s) for s in (shape or (240, 240, 155)))
         spacing = (240.0 / shape[0], 240.0 / shape[1], 155.0 / shape[2])
         affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])

@@ -57,6 +57,7 @@ Dataset_BUSI_with_GT/
   normal/     (not used)
 """
     default_label_values = (0, 255)
+    demo_cases = 20
 
     def __init__(self, root, classes: Sequence[str] = CLASSES, split_counts: Sequence[int] = (445, 65, 137),
                  stratify: str | None = "class", **kwargs) -> None:
@@ -106,7 +107,7 @@ Dataset_BUSI_with_GT/
         from PIL import Image
 
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 20)
+        n = int(n_cases or cls.demo_cases)
         n_mal = max(1, round(n * 0.4))
         w0, h0 = (int(s) for s in (shape or (560, 460))[:2])
         top = root / "Dataset_BUSI_with_GT"

@@ -89,6 +89,8 @@ class FileDatasetSource(DatasetSource):
     channels: int = 1
     #: values the label files hold
     default_label_values: tuple[int, ...] = (0, 1)
+    #: cases (subjects) of the demo sample: enough for every split of ``split_counts`` to be non-empty
+    demo_cases: int = 10
 
     def __init__(
         self,

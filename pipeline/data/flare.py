@@ -40,6 +40,7 @@ FLARE21/
   TrainingMask/train_000.nii.gz ...
 """
     default_label_values = (0, 1, 2, 3, 4)
+    demo_cases = 10
 
     def __init__(self, root, split_counts: Sequence[int] = (240, 40, 80), **kwargs) -> None:
         super().__init__(root, split_counts, **kwargs)
@@ -75,7 +76,7 @@ FLARE21/
         with subcutaneous fat and muscle, spine and aorta, liver, spleen, both kidneys and the pancreas as soft
         blobs with their own enhancement, bowel gas; int16 images, uint8 masks."""
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 10)
+        n = int(n_cases or cls.demo_cases)
         shape = tuple(int(s) for s in (shape or (256, 256, 48)))
         spacing = (400.0 / shape[0], 400.0 / shape[1], 240.0 / shape[2])
         affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])

@@ -39,6 +39,7 @@ Task04_Hippocampus/
 """
     channels = 1
     default_label_values = (0, 1, 2)
+    demo_cases = 20
 
     def __init__(self, root, split_counts: Sequence[int] = (185, 25, 50), **kwargs) -> None:
         super().__init__(root, split_counts, **kwargs)
@@ -59,7 +60,7 @@ Task04_Hippocampus/
         by a few voxels): a curved hippocampus (head = anterior, body and tail = posterior) in grey matter, with
         white matter above and the temporal horn's CSF beside it."""
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 20)
+        n = int(n_cases or cls.demo_cases)
         base = np.array(shape or (36, 50, 36))
         volumes = []
         for i in range(n):

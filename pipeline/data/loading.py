@@ -37,10 +37,8 @@ _DISK_FORMAT = 1
 
 
 class CheckFinited(Transform):
-    """A transform that stops with the case's id and file when an image holds NaN or infinite values.
-
-    Deterministic (a MONAI ``Transform``), so ``CacheDataset`` runs it once, when caching.
-    """
+    """Stop with the case's id and file when an image holds NaN or infinite values (run on each volume once, after
+    its preprocessing, outside MONAI's ``Compose`` so that the error reaches the user as it is)."""
 
     def __init__(self, keys: Sequence[str] = ("image",)) -> None:
         self.keys = tuple(keys)
@@ -58,8 +56,7 @@ class CheckFinited(Transform):
 
 
 def _compose(preprocess: Sequence[Callable] | Callable) -> Compose:
-    transform = preprocess if isinstance(preprocess, Compose) else Compose(list(preprocess))
-    return Compose([*transform.transforms, CheckFinited()])
+    return preprocess if isinstance(preprocess, Compose) else Compose(list(preprocess))
 
 
 def available_memory() -> int:
@@ -190,7 +187,7 @@ class DiskVolumeCache(Dataset):
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def _prepare(self, i: int) -> None:
-        item = self.transform(dict(self.cases[i]))
+        item = CheckFinited()(self.transform(dict(self.cases[i])))
         axis = self.slice_axis + 1
         tensors, meta, other = {}, {}, {}
         for k, v in item.items():
@@ -276,10 +273,14 @@ def volume_dataset(
         return DiskVolumeCache(cases, transform, cache_dir, slice_axis, key, num_workers)
     if cache != "memory":
         raise ValueError(f"cache must be 'memory' or 'disk' here, got {cache!r}")
-    return CacheDataset(
+    ds = CacheDataset(
         data=list(cases), transform=transform, cache_rate=1.0, num_workers=num_workers or None,
         copy_cache=False, progress=False,
     )
+    check = CheckFinited()
+    for i in range(len(ds)):
+        check(ds[i])
+    return ds
 
 
 def _plain(t) -> torch.Tensor:

@@ -61,6 +61,7 @@ training/
   4/  5/  7/  14/  070/  148/
 """
     default_label_values = tuple(range(11))
+    demo_cases = 7
 
     def __init__(self, root, modalities: Sequence[str] = MODALITIES, split_counts: Sequence[int] = (4, 1, 2),
                  **kwargs) -> None:
@@ -89,7 +90,7 @@ training/
         brain stem in the lower slices, an occasional infarct), in T1, T1-IR and FLAIR contrasts, in ``pre/`` (the
         unused ``orig/`` scans are not written)."""
         rng = np.random.default_rng(seed)
-        n = int(n_cases or len(SUBJECTS))
+        n = int(n_cases or cls.demo_cases)
         names = list(SUBJECTS[:n]) + [str(200 + i) for i in range(max(0, n - len(SUBJECTS)))]
         shape = tuple(int(s) for s in (shape or (240, 240, 48)))
         spacing = (230.0 / shape[0], 230.0 / shape[1], 144.0 / shape[2])

@@ -74,6 +74,8 @@ or PROMISE12:
   TrainingData_Part2/ ...  TrainingData_Part3/ ...
 """
 
+    demo_cases = 10
+
     def __init__(self, root, layout: str = "auto", split_counts: Sequence[int] = (22, 3, 7),
                  label_values: Sequence[float] | None = None, **kwargs) -> None:
         super().__init__(root, split_counts, label_values=label_values, **kwargs)
@@ -153,7 +155,7 @@ or PROMISE12:
         PZ/TZ. ``layout="promise12"``: PROMISE12 layout, T2 as ``.mhd/.raw`` in three parts, label 1 = gland."""
         layout = check_name(str(layout), ("msd", "promise12"), "PROMISE demo layout")
         rng = np.random.default_rng(seed)
-        n = int(n_cases or 10)
+        n = int(n_cases or cls.demo_cases)
         shape = tuple(int(s) for s in (shape or (256, 256, 16)))
         spacing = (160.0 / shape[0], 160.0 / shape[1], 57.6 / shape[2])
         volumes = []
