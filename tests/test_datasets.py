@@ -170,6 +170,7 @@ def test_one_epoch_of_training_and_evaluation(samples, tracking, tmp_path, name)
     assert run.info.status == "FINISHED"
     assert run.data.params["split"] == "dataset (seed 0)" and run.data.params["cache"] == "memory"
     assert run.data.params["n_test_volumes"] == str(len(split["test"]))
+    assert "splits.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])}
     if name == "brats":  # DSC/ASD on the evaluation regions, calibration on the training classes
         assert results["region_names"] == ["ET", "TC", "WT"]
         assert all(0.0 <= results["per_class"][r]["dsc"] <= 1.0 for r in ("ET", "TC", "WT"))

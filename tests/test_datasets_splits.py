@@ -45,7 +45,7 @@ def _cases(n_subjects, frames=1, groups=None):
 
 def test_seeded_deterministic_and_by_subject():
     cases = _cases(20, frames=2)
-    a, b, c = split_cases(cases, [70, 10, 20], 0), split_cases(cases, [70, 10, 20], 0), split_cases(cases, [70, 10, 20], 1)
+    a, b, c = (split_cases(cases, [70, 10, 20], seed) for seed in (0, 0, 1))
     assert a == b and a != c
     assert [len(a[p]) for p in ("train", "val", "test")] == [28, 4, 8]  # 14/2/4 subjects, two frames each
     part = {i: p for p, ids in a.items() for i in ids}
