@@ -240,7 +240,7 @@ class DiskVolumeCache(Dataset):
     def get_slice(self, i: int, s: int, keys: Sequence[str] = TRAIN_KEYS) -> dict:
         """Slice ``s`` of volume ``i`` along the slice axis: ``{key: C×H×W float32}``, read from the mapped file."""
         tensors = self._load(i)["tensors"]
-        return {k: tensors[k][s].float() for k in keys}
+        return {k: tensors[k][s].to(torch.float32, copy=True) for k in keys}  # read now, never a view of the map
 
     def __getitem__(self, i: int) -> dict:
         obj = self._load(i)
