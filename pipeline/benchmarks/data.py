@@ -5,7 +5,8 @@ this process, one phase after the other:
 
 1. **validate**: :meth:`DatasetSource.validate` on every case (headers, truncation, label values);
 2. **cache in memory**: the config's ``preprocess`` through MONAI's ``CacheDataset`` for every case; the peak
-   resident memory above the level before the phase (sampled every 5 ms), and the bytes held by the cache;
+   anonymous resident memory above the level before the phase (sampled every 5 ms; mapped file pages are not
+   counted), and the bytes held by the cache;
 3. **cache on disk**: the same into a :class:`~pipeline.data.loading.DiskVolumeCache` (cold: preprocess and write;
    warm: reopen the existing files), its size on disk and peak memory;
 4. **slices**: reading every training slice once (no augmentation) from each cache.
@@ -31,15 +32,20 @@ import numpy as np
 
 
 def _rss() -> int:
-    """Resident memory of this process, bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    """Anonymous resident memory of this process, bytes (Linux ``RssAnon``: what the process itself holds; pages of
+    memory-mapped files, which the kernel can drop at any time, are not counted). 0 where unavailable."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
 class PeakMemory:
-    """Context manager: the peak resident memory above the level at entry, sampled every ``interval`` seconds."""
+    """Context manager: the peak anonymous resident memory above the level at entry, sampled every ``interval``
+    seconds."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
