@@ -96,3 +96,13 @@ def test_auto_cache_goes_to_disk_when_the_data_would_not_fit(hippo, tmp_path):
     assert data["cache"] == "disk" and data["cache_estimate_bytes"] > 0
     assert isinstance(data["volumes"]["train"], DiskVolumeCache)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+def test_memory_cache_lays_volumes_out_slice_major(hippo):
+    _, cases, preprocess = hippo
+    for axis in (0, 2):
+        vol = volume_dataset(cases, preprocess, cache="memory", slice_axis=axis)[0]["image"]
+        assert vol.shape == (1, 16, 16, 10)
+        assert vol.select(axis + 1, 3).is_contiguous() and not vol.is_contiguous()
+        assert torch.equal(vol.as_tensor(), vol.as_tensor().contiguous())
+        assert vol.pixdim.tolist() == [1.0, 1.0, 1.0]

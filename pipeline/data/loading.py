@@ -55,6 +55,29 @@ class CheckFinited(Transform):
         return data
 
 
+class SliceMajord(Transform):
+    """Lay each tensor out in memory with ``slice_axis`` outermost, keeping its shape, values and meta data.
+
+    A ``C×X×Y×Z`` volume stored this way gives each slice along the axis as one contiguous block, so that taking a
+    training slice copies a block instead of gathering values spread over the whole volume (for a BraTS volume,
+    about fifty times faster). Shapes and indexing are unchanged; only the strides differ.
+    """
+
+    def __init__(self, slice_axis: int = 2) -> None:
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        self.dim = slice_axis + 1
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for k, v in data.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 4:
+                t = _plain(v).movedim(self.dim, 0).contiguous().movedim(0, self.dim)
+                out[k] = MetaTensor(t, meta=v.meta, applied_operations=list(v.applied_operations)) \
+                    if isinstance(v, MetaTensor) else t
+        return out
+
+
 def _compose(preprocess: Sequence[Callable] | Callable) -> Compose:
     return preprocess if isinstance(preprocess, Compose) else Compose(list(preprocess))
 
@@ -264,8 +287,9 @@ def volume_dataset(
     key: str = "",
 ) -> Dataset:
     """The preprocessed volumes of ``cases``, cached in memory (``CacheDataset``, ``copy_cache=False``: consumers
-    must not mutate) or on disk (:class:`DiskVolumeCache` in ``cache_dir``). Images with NaN or infinite values
-    stop the preparation with the case's id."""
+    must not mutate; laid out slice-major along ``slice_axis`` by :class:`SliceMajord`) or on disk
+    (:class:`DiskVolumeCache` in ``cache_dir``). Images with NaN or infinite values stop the preparation with the
+    case's id."""
     transform = _compose(preprocess)
     if cache == "disk":
         if cache_dir is None:
@@ -274,8 +298,8 @@ def volume_dataset(
     if cache != "memory":
         raise ValueError(f"cache must be 'memory' or 'disk' here, got {cache!r}")
     ds = CacheDataset(
-        data=list(cases), transform=transform, cache_rate=1.0, num_workers=num_workers or None,
-        copy_cache=False, progress=False,
+        data=list(cases), transform=Compose([*transform.transforms, SliceMajord(slice_axis)]), cache_rate=1.0,
+        num_workers=num_workers or None, copy_cache=False, as_contiguous=False, progress=False,
     )
     check = CheckFinited()
     for i in range(len(ds)):
