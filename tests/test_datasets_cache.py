@@ -100,7 +100,7 @@ def test_auto_cache_goes_to_disk_when_the_data_would_not_fit(hippo, tmp_path):
 
 def test_memory_cache_lays_volumes_out_slice_major(hippo):
     _, cases, preprocess = hippo
-    for axis in (0, 2):
+    for axis in (1, 2):  # (with one channel, axis 0 outermost is the usual layout)
         vol = volume_dataset(cases, preprocess, cache="memory", slice_axis=axis)[0]["image"]
         assert vol.shape == (1, 16, 16, 10)
         assert vol.select(axis + 1, 3).is_contiguous() and not vol.is_contiguous()
