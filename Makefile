@@ -22,7 +22,7 @@ SELECT = --dataset $(DATASET) --loss $(LOSS) --backbone $(BACKBONE) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
 	$(if $(LOSS_ARGS),--loss-args "$(LOSS_ARGS)") $(if $(SPLIT_FILE),--split-file "$(SPLIT_FILE)")
 
-.PHONY: install train test ui list clean
+.PHONY: install train test ui list clean demo-data bench-data
 
 install: $(STAMP)
 
@@ -70,3 +70,12 @@ evaluate: $(STAMP)
 ## time the test evaluation of one volume against the network alone: make bench-evaluation [RUN=…]
 bench-evaluation: $(STAMP)
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.benchmarks.evaluation $(if $(RUN),--run "$(RUN)") $(ARGS)
+
+## write a synthetic sample in a dataset's official layout (default data/demo/<dataset>):
+##   make demo-data DATASET=acdc [DATA_DIR=…] [ARGS="--cases 6 --option layout=promise12"]
+demo-data: $(STAMP)
+	$(PY) -m pipeline demo-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(ARGS)
+
+## time and peak memory of validating and caching a dataset (default: its demo sample): make bench-data DATASET=acdc
+bench-data: $(STAMP)
+	$(PY) -m pipeline bench-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")

@@ -76,6 +76,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipeline.data.demo import write_demo_data
+
+    options = cfg.parse_assignments(args.options)
+    shape = [int(v) for v in args.shape.split(",")] if args.shape else None
+    dest = write_demo_data(args.dataset, args.data_dir, n_cases=args.cases, shape=shape, seed=args.seed, **options)
+    print(f"demo {args.dataset} data written to {dest}")
+    print(f"train on it: make train DATASET={args.dataset} DATA_DIR={dest}")
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from pipeline.benchmarks.data import main as bench
+
+    return bench(["--dataset", args.dataset, *(["--data-dir", args.data_dir] if args.data_dir else [])])
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for kind in cfg.KINDS:
         print(f"{kind}: {', '.join(cfg.available(kind))}")
@@ -96,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key of the run, e.g. --set evaluation::noise::sigmas=[]")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo-data", help="write a small synthetic sample in a dataset's official layout")
+    p.add_argument("--dataset", required=True, help="configs/dataset/<name>.yaml")
+    p.add_argument("--data-dir", default=None, help="where to write it (default: data/demo/<dataset>)")
+    p.add_argument("--cases", type=int, default=None, help="number of cases (default: the dataset's demo size)")
+    p.add_argument("--shape", default=None, help="volume grid, e.g. 64,64,8 (default: the dataset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anatomy (default: 0)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="writer option, e.g. --option layout=promise12")
+    p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("bench-data", help="time and memory of validating and caching a dataset")
+    p.add_argument("--dataset", required=True, help="configs/dataset/<name>.yaml")
+    p.add_argument("--data-dir", default=None, help="the data to measure (default: a fresh demo sample)")
+    p.set_defaults(func=cmd_bench_data)
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 
@@ -105,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Current default value of argument.*")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

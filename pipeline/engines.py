@@ -155,8 +155,12 @@ def create_evaluator(
     n_bins: int = 15,
     amp: bool = False,
     sw_batch_size: int = 32,
+    regions=None,
 ) -> SupervisedEvaluator:
     """A ``SupervisedEvaluator`` over whole volumes with DSC (its key metric), ECE/CECE/NLL/Brier and optionally ASD.
+
+    ``regions`` (sets of training classes, e.g. BraTS ET/TC/WT from ``dataset::eval_regions``) makes DSC and ASD
+    per region instead of per class; calibration stays on the training classes.
 
     Metric names carry ``prefix``: ``<prefix>dsc``, ``<prefix>asd``, ``<prefix>ece``, ``<prefix>cece``, … Per-volume
     values land in ``engine.state.metric_details`` under ``<prefix>dsc``, ``<prefix>asd`` and
@@ -166,14 +170,14 @@ def create_evaluator(
     additional = {f"{prefix}calibration": CalibrationMetrics(n_bins=n_bins, prefix=prefix,
                                                               output_transform=from_engine(["prob", "label"]))}
     if surface_distance:
-        additional[f"{prefix}asd"] = asd_handler(seg)
+        additional[f"{prefix}asd"] = asd_handler(seg, regions=regions)
     return SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
         network=network,
         inferer=SliceBatchInferer(spatial_dim=slice_axis, sw_batch_size=sw_batch_size),
         postprocessing=postprocessing(num_classes),
-        key_val_metric={f"{prefix}dsc": dice_handler(seg)},
+        key_val_metric={f"{prefix}dsc": dice_handler(seg, regions=regions)},
         additional_metrics=additional,
         amp=amp,
     )

@@ -253,8 +253,11 @@ def create_test_evaluator(
     prefix: str = "test/",
     amp: bool = False,
     sw_batch_size: int = 32,
+    regions: Sequence[Sequence[int]] | None = None,
 ):
     """A MONAI ``SupervisedEvaluator`` that scores the network's outputs before and after each calibrator.
+
+    ``regions`` (sets of training classes, the dataset's ``eval_regions``) makes DSC and ASD per region.
 
     Metrics (names under ``prefix``; for calibrator ``c`` under ``<prefix><c>/``): ``dsc``, ``asd`` (pre and
     argmax-changing calibrators), ``ece``, ``cece``, ``nll``, ``brier``, ``ece_pooled``, ``cece_pooled``, ``aece``,
@@ -276,8 +279,8 @@ def create_test_evaluator(
         prob = "prob" if method == "pre" else f"prob_{method}"
         pred = "pred" if method == "pre" else f"pred_{method}"
         if method == "pre" or method not in EvaluationOutputs.ARGMAX_PRESERVING:
-            metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label_onehot"]))
-            metrics[f"{p}asd"] = asd_handler(from_engine([pred, "label"]))
+            metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label_onehot"]), regions=regions)
+            metrics[f"{p}asd"] = asd_handler(from_engine([pred, "label"]), regions=regions)
         metrics[f"{p}calibration"] = CalibrationMetrics(n_bins=n_bins, prefix=p,
                                                         output_transform=from_engine([prob, "label_index"]))
         metrics[f"{p}extras"] = VolumeExtras(n_bins=n_bins, prefix=p,
@@ -329,7 +332,8 @@ def _as_array(details) -> np.ndarray:
     return np.asarray(details, dtype=float)
 
 
-def _method_results(state, class_names: Sequence[str], p: str, seg_p: str) -> dict:
+def _method_results(state, class_names: Sequence[str], p: str, seg_p: str,
+                    region_names: Sequence[str] | None = None) -> dict:
     details, m = state.metric_details, state.metrics
     dsc = _as_array(details[f"{seg_p}dsc"])
     asd = _as_array(details[f"{seg_p}asd"])
@@ -338,13 +342,17 @@ def _method_results(state, class_names: Sequence[str], p: str, seg_p: str) -> di
     ece_pc = np.array([v["ece_per_class"] for v in vols], dtype=float)
     sce_pc = np.array([v["sce_per_class"] for v in vols], dtype=float)
     fg = list(class_names[1:])
+    seg = list(region_names) if region_names else fg  # DSC/ASD columns: evaluation regions, else the classes
     per_class = {class_names[0]: {"dsc": math.nan, "asd": math.nan, "ece": math.nan, "sce": _nanmean(sce_pc[:, 0])}}
     for j, name in enumerate(fg):
-        per_class[name] = {"dsc": _nanmean(dsc[:, j]), "asd": _nanmean(asd[:, j]), "ece": _nanmean(ece_pc[:, j + 1]),
+        per_class[name] = {"dsc": math.nan, "asd": math.nan, "ece": _nanmean(ece_pc[:, j + 1]),
                            "sce": _nanmean(sce_pc[:, j + 1])}
+    for j, name in enumerate(seg):
+        per_class.setdefault(name, {"ece": math.nan, "sce": math.nan})
+        per_class[name].update(dsc=_nanmean(dsc[:, j]), asd=_nanmean(asd[:, j]))
     mean = {
-        "dsc": _nanmean([per_class[n]["dsc"] for n in fg]),
-        "asd": _nanmean([per_class[n]["asd"] for n in fg]),
+        "dsc": _nanmean([per_class[n]["dsc"] for n in seg]),
+        "asd": _nanmean([per_class[n]["asd"] for n in seg]),
         **{k: float(m[f"{p}{k}"]) for k in ("ece", "cece", "nll", "brier", "ece_pooled", "cece_pooled")},
     }
     for k in ("aece", "soft/brier", "soft/kl", "soft/ece"):
@@ -356,30 +364,32 @@ def _method_results(state, class_names: Sequence[str], p: str, seg_p: str) -> di
 
 
 def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], prefix: str = "test/",
-              methods: Sequence[str] = ("pre",)) -> dict:
+              methods: Sequence[str] = ("pre",), region_names: Sequence[str] | None = None) -> dict:
     """Turn a test evaluator's metrics and details into the results dict used by reports and MLflow.
 
     Per foreground class: mean over volumes of DSC, ASD, per-class ECE and SCE (``nan`` entries skipped). The
     ``mean`` entry: DSC and ASD averaged over foreground classes, and ECE, CECE, NLL, Brier, aECE as the mean over
     volumes (the paper's protocol), with the pooled ECE/CECE beside them. The top-level ``per_class``, ``mean`` and
-    ``reliability`` are those of the uncalibrated network; ``methods`` holds the same for each method.
+    ``reliability`` are those of the uncalibrated network; ``methods`` holds the same for each method. With
+    ``region_names`` (the dataset's evaluation regions, e.g. BraTS ET/TC/WT), DSC and ASD are per region (entries of
+    their own in ``per_class``, listed in ``region_names``) and their means are over the regions.
     """
     state = evaluator.state
     out: dict = {}
     for method in methods:
         p = prefix if method == "pre" else f"{prefix}{method}/"
         seg_p = p if f"{p}dsc" in state.metric_details else prefix  # TS keeps the argmax: the DSC/ASD of pre
-        out[method] = _method_results(state, class_names, p, seg_p)
+        out[method] = _method_results(state, class_names, p, seg_p, region_names)
     m = state.metrics
     pre = out["pre"]
     if f"{prefix}monai_calibration_error" in m:
         pre["mean"]["monai_calibration_error"] = float(m[f"{prefix}monai_calibration_error"])
-    fg = list(class_names[1:])
+    seg = list(region_names) if region_names else list(class_names[1:])
     rows = []
     for i, vid in enumerate(volume_ids):
         row = {"id": vid}
-        row.update({f"dsc_{n}": float(pre["dsc"][i, j]) for j, n in enumerate(fg)})
-        row.update({f"asd_{n}": float(pre["asd"][i, j]) for j, n in enumerate(fg)})
+        row.update({f"dsc_{n}": float(pre["dsc"][i, j]) for j, n in enumerate(seg)})
+        row.update({f"asd_{n}": float(pre["asd"][i, j]) for j, n in enumerate(seg)})
         row.update({k: pre["volumes"][i][k] for k in ("ece", "cece", "nll", "brier", "n_kept")})
         row.update({f"ece_{n}": float(pre["ece_pc"][i, j]) for j, n in enumerate(class_names)})
         row.update({f"sce_{n}": float(pre["sce_pc"][i, j]) for j, n in enumerate(class_names)})
@@ -403,6 +413,7 @@ def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], 
         notes.append(f"{pre['skipped']} volume(s) without ground-truth foreground: no calibration value, skipped")
     results = {
         "class_names": list(class_names),
+        "region_names": list(region_names or []),
         "n_volumes": len(volume_ids),
         "per_class": pre["per_class"],
         "mean": pre["mean"],
@@ -588,6 +599,7 @@ def evaluate_trained(
     k = len(class_names)
     slice_axis = int(dataset["slice_axis"])
     in_channels = int(dataset.get("in_channels", 1))
+    regions = dict(dataset.get("eval_regions") or {})  # e.g. BraTS: DSC/ASD on ET/TC/WT
     device = parser.get_parsed_content("device")
     n_bins = int(parser.get_parsed_content("n_bins"))
     seed = int(parser.get_parsed_content("seed"))
@@ -617,13 +629,14 @@ def evaluate_trained(
     test_ids = [c["id"] for c in data["cases"]["test"]]
     evaluator = create_test_evaluator(network, volume_loader(data["volumes"]["test"]), device, k, slice_axis, n_bins,
                                       calibrators, logits=bool(settings["logits"]),
-                                      monai_calibration_error=bool(settings["monai_calibration_error"]), amp=amp)
+                                      monai_calibration_error=bool(settings["monai_calibration_error"]), amp=amp,
+                                      regions=list(regions.values()) or None)
     maps = ConfidenceMapWriter(run_dir / "maps", slice_axis, settings["maps"]["volumes"], settings["maps"]["slices"])
     maps.attach(evaluator)
     say(f"evaluating {len(test_ids)} test volumes ...")
     run_engine(evaluator)
     methods = ["pre", *calibrators]
-    results = summarise(evaluator, class_names, test_ids, methods=methods)
+    results = summarise(evaluator, class_names, test_ids, methods=methods, region_names=list(regions))
     results["notes"] = notes + results["notes"] + maps.notes
     timings["test_s"] = time.time() - t0
 

@@ -32,7 +32,7 @@ def results_table(results: dict) -> str:
     pc = results["per_class"]
     header = f"{'class':<14}{'DSC':>8}{'ASD(mm)':>10}{'ECE':>8}{'SCE':>8}"
     lines = [header, "-" * len(header)]
-    for name in names[1:]:
+    for name in names[1:] + list(results.get("region_names") or []):  # evaluation regions after the classes
         c = pc[name]
         lines.append(f"{name:<14}{_fmt(c['dsc']):>8}{_fmt(c['asd'], 2):>10}{_fmt(c['ece']):>8}{_fmt(c['sce']):>8}")
     m = results["mean"]

@@ -7,6 +7,7 @@ post-hoc calibration, metrics, analyses, reports) → table, files, MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,24 +18,36 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import REPO_ROOT
-from pipeline.data.sources import InvalidDatasetError, load_split_file, write_json_atomic
+from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file, write_json_atomic
 
 log = logging.getLogger("pipeline")
+
+
+def _preprocess_key(parser) -> str:
+    """A text describing the resolved preprocessing (part of the disk cache's file hashes)."""
+    comps = parser.get_parsed_content("preprocess", instantiate=False)
+    conf = [c.get_config() if hasattr(c, "get_config") else c for c in comps]
+    return json.dumps(conf, sort_keys=True, default=str)
 
 
 def prepare_data(parser) -> dict:
     """Read, validate and split the dataset of a config; build the cached volume datasets.
 
+    Validation runs on every case before anything is cached or trained. The split is the user's split file when
+    ``split_file`` is set, else the source's deterministic split (seed ``dataset::split_seed`` when the dataset
+    sets one, else ``seed``). The cache is chosen by ``cache`` (``memory``, ``disk`` or ``auto``: memory when the
+    estimated size fits in ``cache_memory_fraction`` of the available memory; see :mod:`pipeline.data.loading`).
+
     Returns:
         ``{"dataset": dataset config (parsed), "cases": {split: [case]}, "split": {split: [ids]}, "volumes":
-        {split: CacheDataset}}``.
+        {split: cached volume dataset}, "split_origin": "split file <path>" or "dataset (seed n)", "cache":
+        "memory" or "disk", "cache_estimate_bytes": int or None}``.
 
     Raises:
         pipeline.data.sources.DatasetNotFoundError: no data where the config points.
         pipeline.data.sources.InvalidDatasetError: every problem found in the data, one per line.
     """
-    from pipeline.data.loading import volume_dataset
+    from pipeline.data.loading import available_memory, choose_cache, estimate_cache_bytes, volume_dataset
 
     dataset = parser.get_parsed_content("dataset")
     source = dataset["source"]
@@ -47,13 +60,31 @@ def prepare_data(parser) -> dict:
         )
     split_file = parser.get_parsed_content("split_file")
     seed = int(parser.get_parsed_content("seed"))
-    split = load_split_file(split_file, cases) if split_file else source.split(cases, seed)
+    split_seed = int(dataset.get("split_seed", seed))
+    if split_file:
+        split, origin = load_split_file(split_file, cases), f"split file {split_file}"
+    else:
+        split, origin = source.split(cases, split_seed), f"dataset (seed {split_seed})"
     by_id = {c["id"]: c for c in cases}
-    parts = {k: [by_id[i] for i in ids] for k, ids in split.items()}
+    parts = {k: [by_id[i] for i in split.get(k, [])] for k in SPLITS}
     preprocess = parser.get_parsed_content("preprocess")
     workers = int(parser.get_parsed_content("num_workers"))
-    volumes = {k: volume_dataset(v, preprocess, workers) for k, v in parts.items() if v}
-    return {"dataset": dataset, "cases": parts, "split": split, "volumes": volumes}
+    mode = str(parser.get("cache", "memory"))
+    estimate = None
+    if mode == "auto":
+        used = [c for part in parts.values() for c in part]
+        estimate = estimate_cache_bytes(used, preprocess)
+        fraction = float(parser.get_parsed_content("cache_memory_fraction")) if "cache_memory_fraction" in parser \
+            else 0.5
+        mode = choose_cache(mode, estimate, available_memory(), fraction)
+        log.info("cache: %s (estimated %.2f GB)", mode, estimate / 1e9)
+    cache_dir = parser.get_parsed_content("cache_dir") if mode == "disk" else None
+    slice_axis = int(dataset.get("slice_axis", 2))
+    key = _preprocess_key(parser) if mode == "disk" else ""
+    volumes = {k: volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
+               for k, v in parts.items() if v}
+    return {"dataset": dataset, "cases": parts, "split": split, "volumes": volumes, "split_origin": origin,
+            "cache": mode, "cache_estimate_bytes": estimate}
 
 
 def _best_checkpoint(saver) -> Path | None:
@@ -99,6 +130,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
     dataset = data["dataset"]
     class_names = list(dataset["class_names"])
     slice_axis = int(dataset["slice_axis"])
+    regions = dict(dataset.get("eval_regions") or {})  # e.g. BraTS: DSC/ASD on ET/TC/WT, not the training classes
     device = parser.get_parsed_content("device")
     epochs = int(value("epochs"))
     for part in ("train", "val", "test"):
@@ -131,6 +163,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
         "n_train_volumes": len(data["cases"]["train"]), "n_val_volumes": len(data["cases"]["val"]),
         "n_test_volumes": len(data["cases"]["test"]), "n_train_slices": len(loader.dataset),
         "class_names": ",".join(class_names), "run_dir": str(run_dir),
+        "split": data["split_origin"], "cache": data["cache"],
     }
     tracker.log_params(params)
     tracker.log_artifact(run_dir / "config.yaml")
@@ -139,7 +172,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
     trainer = create_trainer(network, loss_fn, optimizer, loader, device, epochs, scheduler, amp)
     val_loader = volume_loader(data["volumes"]["val"])
     evaluator = create_evaluator(network, val_loader, device, len(class_names), slice_axis, prefix="val/",
-                                 n_bins=int(value("n_bins")), amp=amp)
+                                 n_bins=int(value("n_bins")), amp=amp, regions=list(regions.values()) or None)
     best_saver = CheckpointSaver(
         save_dir=str(run_dir / "checkpoints"), save_dict={"network": network}, save_key_metric=True,
         key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",

@@ -4,7 +4,6 @@ import json
 
 import mlflow
 import pytest
-import torch
 
 from pipeline.config import load_config
 from pipeline.engines import NonFiniteLossError

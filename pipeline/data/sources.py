@@ -34,6 +34,10 @@ class DatasetSource(ABC):
 
     #: a short name, the same as the dataset's config file name
     name: str = ""
+    #: where the dataset is published (shown when the data are missing)
+    url: str = ""
+    #: the expected layout as a short tree (shown when the data are missing)
+    layout: str = ""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -49,6 +53,21 @@ class DatasetSource(ABC):
     def validate(self, cases: list[dict]) -> list[str]:
         """Problems found in the cases (empty when all is well): one message per problem, naming the case."""
         return []
+
+    def not_found(self, detail: str) -> DatasetNotFoundError:
+        """The error for a folder without this dataset: what was searched, the layout expected, where the dataset
+        is published, and how to write a demo sample."""
+        lines = [f"no {self.name or type(self).__name__} data in {self.root}: {detail}."]
+        if self.layout:
+            tree = self.layout.strip("\n").splitlines()
+            lines += ["Expected layout (DATA_DIR is the top folder):", *("    " + t for t in tree)]
+        if self.url:
+            lines.append(f"The dataset is published at {self.url} (download it there, then extract it).")
+        lines.append(
+            f"Point DATA_DIR at the extracted folder (make train DATASET={self.name} DATA_DIR=/path/to/it), or write "
+            f"a small synthetic sample in this layout with: make demo-data DATASET={self.name}"
+        )
+        return DatasetNotFoundError("\n".join(lines))
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
