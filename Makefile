@@ -79,3 +79,9 @@ demo-data: $(STAMP)
 ## time and peak memory of validating and caching a dataset (default: its demo sample): make bench-data DATASET=acdc
 bench-data: $(STAMP)
 	$(PY) -m pipeline bench-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
+
+.PHONY: export
+## export a trained run as a MONAI bundle in bundles/<name>/: make export RUN=<run id | runs/<name> | checkpoint> [ARGS="--calibration ts --name my_model"]
+export: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(ARGS)

@@ -94,6 +94,17 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return bench(["--dataset", args.dataset, *(["--data-dir", args.data_dir] if args.data_dir else [])])
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_bundle
+
+    dest = export_bundle(args.run, name=args.name, out_root=args.out, calibration=args.calibration,
+                         overwrite=args.overwrite)
+    print(f"bundle written to {dest}")
+    print(f"run it: python -m monai.bundle run --bundle_root {dest} --config_file {dest}/configs/inference.yaml "
+          f"--meta_file {dest}/configs/metadata.json --input_dir <images> --output_dir <predictions>")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for kind in cfg.KINDS:
         print(f"{kind}: {', '.join(cfg.available(kind))}")
@@ -128,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True, help="configs/dataset/<name>.yaml")
     p.add_argument("--data-dir", default=None, help="the data to measure (default: a fresh demo sample)")
     p.set_defaults(func=cmd_bench_data)
+    p = sub.add_parser("export", help="export a trained run as a MONAI bundle (bundles/<name>/)")
+    p.add_argument("run", help="MLflow run id or name, run folder (runs/<name>), or checkpoint file")
+    p.add_argument("--name", default=None, help="bundle folder name (default: the run folder's name)")
+    p.add_argument("--out", default=None, help="where bundles go (default: bundles/)")
+    p.add_argument("--calibration", default="auto", choices=["auto", "none", "ts", "lts"],
+                   help="post-hoc calibrator inside the exported network (auto: TS when fitted)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 
