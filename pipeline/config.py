@@ -101,11 +101,20 @@ def load_config(
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     parser["dataset_name"], parser["loss_name"], parser["backbone_name"] = dataset, loss, backbone
+    apply_overrides(parser, overrides)
+    return parser
+
+
+def apply_overrides(parser, overrides: dict[str, Any] | None, what: str = "the config") -> None:
+    """Set ``{"id::path": value}`` in ``parser``; a key whose parent (or top-level key) does not exist is refused.
+
+    Raises:
+        KeyError: naming the key and what is missing.
+    """
     for key, value in (overrides or {}).items():
         parent, _, leaf = key.rpartition("::")
         if parent and parent not in parser:
-            raise KeyError(f"cannot override '{key}': the config has no '{parent}'")
+            raise KeyError(f"cannot override '{key}': {what} has no '{parent}'")
         if not parent and leaf not in parser.get():
-            raise KeyError(f"cannot override '{key}': the config has no top-level key '{leaf}'")
+            raise KeyError(f"cannot override '{key}': {what} has no top-level key '{leaf}'")
         parser[key] = value
-    return parser

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config import apply_overrides
 from pipeline.registry import check_name
 
 # The defaults of the ``evaluation`` block (configs/base.yaml holds the same values; a test keeps them equal).
@@ -814,16 +815,6 @@ def resolve_run(run: str, uri: str | None = None, runs_root: Path | None = None)
     return {"run_dir": run_dir, "checkpoint": _find_checkpoint(run_dir), "run_id": run_id, "how": how}
 
 
-def _apply_overrides(parser, overrides: Mapping | None) -> None:
-    for key, value in (overrides or {}).items():
-        parent, _, leaf = key.rpartition("::")
-        if parent and parent not in parser:
-            raise KeyError(f"cannot override '{key}': the run's config has no '{parent}'")
-        if not parent and leaf not in parser.get():
-            raise KeyError(f"cannot override '{key}': the run's config has no top-level key '{leaf}'")
-        parser[key] = value
-
-
 def _next_step(client, run_id: str) -> int:
     history = client.get_metric_history(run_id, "test/dsc")
     return 1 + max((m.step for m in history), default=-1)
@@ -865,7 +856,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
         parser["evaluation"] = evaluation_settings(parser["evaluation"])
     if (run_dir / "splits.json").is_file():
         parser["split_file"] = str(run_dir / "splits.json")  # exactly the run's split
-    _apply_overrides(parser, overrides)
+    apply_overrides(parser, overrides, "the run's config")
     settings = evaluation_settings(parser["evaluation"])
     set_determinism(seed=int(parser.get_parsed_content("seed")))
 
