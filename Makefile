@@ -54,3 +54,8 @@ list: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+.PHONY: bench-losses
+## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 11"
+bench-losses: $(STAMP)
+	$(PY) -m pipeline.benchmarks.losses $(ARGS)

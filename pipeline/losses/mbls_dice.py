@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceLoss
 
 from pipeline.losses.base import SegmentationLoss, one_hot
-from pipeline.losses.mbls import ce_and_margin_penalty, check_margin_alpha
+from pipeline.losses.mbls import MarginWorkspace, ce_and_margin_penalty, check_margin_alpha
 
 
 class MarginDiceLoss(SegmentationLoss):
@@ -35,9 +35,10 @@ class MarginDiceLoss(SegmentationLoss):
         super().__init__()
         self.margin, self.alpha = check_margin_alpha(margin, alpha)
         self.dice = DiceLoss(include_background=False, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.workspace = MarginWorkspace()
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce, penalty = ce_and_margin_penalty(logits, labels, self.margin, "l1")
+        total, ce, penalty = ce_and_margin_penalty(logits, labels, self.margin, self.alpha, "l1", self.workspace)
         dice = self.dice(logits, one_hot(labels, logits))
         self.parts = {"ce": ce.detach(), "dice": dice.detach(), "penalty": penalty.detach()}
-        return ce + dice + self.alpha * penalty
+        return total + dice
