@@ -85,3 +85,8 @@ bench-data: $(STAMP)
 export: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(ARGS)
+
+.PHONY: bench-losses
+## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 11"
+bench-losses: $(STAMP)
+	$(PY) -m pipeline.benchmarks.losses $(ARGS)

@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import run_training
 
     parser = build_parser(args)
+    parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
     out = run_training(parser, run_name=args.run_name, quiet=args.quiet)
     print()
     print(f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
@@ -156,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Current default value of argument.*")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # MONAI's config parser wraps a component's own error in "Failed to instantiate …": show the cause
+        if isinstance(e, RuntimeError):
+            if not isinstance(e.__cause__, (ValueError, KeyError)):
+                raise
+            e = e.__cause__
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

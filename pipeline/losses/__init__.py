@@ -1,8 +1,8 @@
 """Training objectives of the paper, built by name.
 
 >>> loss = build_loss("mbls", margin=10, alpha=0.1)
->>> sorted(LOSSES)[:2]
-['ce', 'mbls']
+>>> sorted(LOSSES)
+['ce', 'ce_dice', 'ecp', 'focal', 'ls', 'mbls', 'mbls_dice', 'mbls_l2', 'svls']
 """
 
 from __future__ import annotations
@@ -11,15 +11,29 @@ import inspect
 
 from torch import nn
 
-from pipeline.losses.base import SegmentationLoss, as_index_labels
+from pipeline.losses.base import SegmentationLoss, as_index_labels, check_number, one_hot
 from pipeline.losses.ce import CrossEntropy
-from pipeline.losses.mbls import MarginLoss, logit_distances, margin_penalty
+from pipeline.losses.ce_dice import CEDice
+from pipeline.losses.ecp import ConfidencePenalty, mean_entropy
+from pipeline.losses.focal import Focal
+from pipeline.losses.ls import LabelSmoothing
+from pipeline.losses.mbls import PENALTIES, MarginLoss, ce_and_margin_penalty, logit_distances, margin_penalty
+from pipeline.losses.mbls_dice import MarginDiceLoss
+from pipeline.losses.mbls_l2 import MarginL2Loss
+from pipeline.losses.svls import SpatiallyVaryingLabelSmoothing, svls_kernel
 from pipeline.registry import check_name
 
 #: name -> loss class; every entry has a ``configs/loss/<name>.yaml``.
 LOSSES: dict[str, type[nn.Module]] = {
     "ce": CrossEntropy,
+    "ce_dice": CEDice,
+    "focal": Focal,
+    "ecp": ConfidencePenalty,
+    "ls": LabelSmoothing,
+    "svls": SpatiallyVaryingLabelSmoothing,
     "mbls": MarginLoss,
+    "mbls_l2": MarginL2Loss,
+    "mbls_dice": MarginDiceLoss,
 }
 
 
@@ -28,10 +42,12 @@ def build_loss(name: str, **params) -> nn.Module:
 
     Args:
         name: one of :data:`LOSSES`.
-        params: the loss's keyword parameters (e.g. ``margin``, ``alpha`` for ``mbls``).
+        params: the loss's keyword parameters (e.g. ``margin``, ``alpha`` for ``mbls``); each loss's docstring and
+            ``configs/loss/<name>.yaml`` list them with their defaults.
 
     Raises:
-        ValueError: an unknown loss name (with "did you mean …" and the list), or an unknown parameter name.
+        ValueError: an unknown loss name (with "did you mean …" and the list), an unknown parameter name, or a
+            parameter value out of range (from the loss).
     """
     cls = LOSSES[check_name(name, LOSSES, "loss")]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
@@ -49,8 +65,21 @@ __all__ = [
     "build_loss",
     "SegmentationLoss",
     "as_index_labels",
+    "check_number",
+    "one_hot",
     "CrossEntropy",
+    "CEDice",
+    "Focal",
+    "ConfidencePenalty",
+    "mean_entropy",
+    "LabelSmoothing",
+    "SpatiallyVaryingLabelSmoothing",
+    "svls_kernel",
     "MarginLoss",
+    "MarginL2Loss",
+    "MarginDiceLoss",
+    "PENALTIES",
+    "ce_and_margin_penalty",
     "logit_distances",
     "margin_penalty",
 ]

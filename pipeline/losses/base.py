@@ -7,6 +7,8 @@ rejects inputs that do not fit, naming the bad value and what was expected.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,6 +56,45 @@ def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return labels.as_subclass(torch.Tensor) if type(labels) is not torch.Tensor else labels
 
 
+def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``B×spatial`` class indices → ``B×K×spatial`` one-hot tensor with the shape, dtype and device of ``like``.
+
+    >>> one_hot(torch.tensor([[1, 0]]), torch.zeros(1, 2, 2))
+    tensor([[[0., 1.],
+             [1., 0.]]])
+    """
+    return torch.zeros_like(like).scatter_(1, labels.unsqueeze(1), 1.0)
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a real number in the given range; otherwise raise naming it.
+
+    Args:
+        name: the parameter's name, for the message.
+        value: the value to check (an ``int`` or ``float``; ``bool`` and strings are rejected).
+        low, high: inclusive bounds (``None``: unbounded); ``low_open=True`` makes the lower bound exclusive.
+
+    Raises:
+        ValueError: ``value`` is not a finite number, or outside the range.
+
+    >>> check_number("margin", 10, low=0)
+    10.0
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"<= {high:g}")
+        raise ValueError(f"{name} must be a number {' and '.join(bounds) or ''}".rstrip() + f", got {value!r}")
+    return float(value)
+
+
 class SegmentationLoss(nn.Module):
     """Base class: subclasses implement ``_forward(logits, labels)`` with validated ``long`` labels.
 
@@ -70,11 +111,23 @@ class SegmentationLoss(nn.Module):
         self.parts = {}
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Validate the inputs and return the loss (a scalar, float32 for half-precision logits).
+
+        Args:
+            logits: ``B×K×H×W`` or ``B×K×D×H×W`` network outputs (any floating dtype).
+            labels: integer class indices ``B×1×…`` or ``B×…`` in ``[0, K)``.
+
+        Raises:
+            ValueError: from :func:`as_index_labels` (shape, non-integer or out-of-range labels).
+        """
         logits = logits.as_subclass(torch.Tensor) if type(logits) is not torch.Tensor else logits
         labels = as_index_labels(labels, logits)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        return self._forward(logits, labels)
+        # the loss itself always runs at the logits' precision, even inside an autocast region (where e.g. the
+        # SVLS convolution would otherwise drop to bfloat16)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._forward(logits, labels)
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -1,0 +1,130 @@
+"""Forward + backward time of every registered loss, relative to plain cross-entropy measured in the same run.
+
+``make bench-losses`` (``python -m pipeline.benchmarks.losses``). Logits ``B×K×H×W`` (default ``4×4×224×224``, a
+training batch of the paper's 2D setting) drawn from ``N(0, scale²)`` with ``scale = 10`` by default, so that a good
+share of the logit distances exceeds the MbLS margin of 10 and the penalties' gradients are exercised (the share is
+printed); labels are random integers. Each loss is built with its defaults. A last row times MbLS written as plain
+autograd ops (:class:`PlainMarginLoss`), the reference that the fused implementation is measured against.
+
+A timing is the mean of ``--iters`` forward + backward passes after ``--warmup`` untimed ones. Every round times,
+for each loss, CE and that loss back to back, so that both see the same machine load (the machine may be shared);
+the table gives the median time over ``--repeats`` rounds and the median over rounds of the paired ratio
+``time(loss) / time(ce)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import torch.nn.functional as F
+
+from pipeline.losses import LOSSES, SegmentationLoss, build_loss, logit_distances
+
+#: the speed target of the project: MbLS at most this many times the cost of CE
+MBLS_TARGET = 1.3
+
+
+#: name of the reference row: MbLS written as plain autograd ops, for comparison with the fused implementation
+REFERENCE = "mbls, plain autograd"
+
+
+class PlainMarginLoss(SegmentationLoss):
+    """MbLS as ``F.cross_entropy(l, y) + alpha · relu(max_j l_j − l_k − margin).mean()`` in plain autograd ops
+    (same input handling as the registered losses); a reference for ``pipeline.losses.MarginLoss``."""
+
+    def __init__(self, margin: float = 10.0, alpha: float = 0.1) -> None:
+        super().__init__()
+        self.margin, self.alpha = margin, alpha
+
+    def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels) + self.alpha * F.relu(logit_distances(logits) - self.margin).mean()
+
+
+def time_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int, warmup: int) -> float:
+    """Mean seconds of one ``loss_fn(logits, labels).backward()`` over ``iters`` passes after ``warmup`` passes."""
+    sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        logits.grad = None
+        loss_fn(logits, labels).backward()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        logits.grad = None
+        loss_fn(logits, labels).backward()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def run(batch: int = 4, classes: int = 4, size: int = 224, scale: float = 10.0, repeats: int = 11, iters: int = 5,
+        warmup: int = 2, seed: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Time every loss of :data:`pipeline.losses.LOSSES` against CE.
+
+    Each round times, for every loss, CE and the loss back to back (in alternating order from round to round), so
+    that both see the same machine load; the ratio of a round is ``time(loss) / time(ce)`` of that pair.
+
+    Returns:
+        ``{name: {"ms": median ms per forward+backward, "ratio": median over rounds of the paired ratio}}``, CE
+        first (its ``ms`` is the median over all its timings), then the registered losses, then :data:`REFERENCE`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, classes, size, size, generator=gen) * scale).to(device).requires_grad_(True)
+    labels = torch.randint(0, classes, (batch, 1, size, size), generator=gen).to(device)
+    names = sorted(n for n in LOSSES if n != "ce")
+    losses = {n: build_loss(n).to(device) for n in ["ce", *names]}
+    names.append(REFERENCE)
+    losses[REFERENCE] = PlainMarginLoss().to(device)
+    times: dict[str, list[float]] = {n: [] for n in ["ce", *names]}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names:
+            pair = ("ce", n) if r % 2 == 0 else (n, "ce")
+            t = {m: time_loss(losses[m], logits, labels, iters, warmup) for m in pair}
+            times["ce"].append(t["ce"])
+            times[n].append(t[n])
+            ratios[n].append(t[n] / t["ce"])
+    out = {"ce": {"ms": 1e3 * statistics.median(times["ce"]), "ratio": 1.0}}
+    for n in names:
+        out[n] = {"ms": 1e3 * statistics.median(times[n]), "ratio": statistics.median(ratios[n])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.losses", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4, help="B (default 4)")
+    ap.add_argument("--classes", type=int, default=4, help="K (default 4)")
+    ap.add_argument("--size", type=int, default=224, help="H = W (default 224)")
+    ap.add_argument("--scale", type=float, default=10.0, help="standard deviation of the logits (default 10)")
+    ap.add_argument("--repeats", type=int, default=11, help="rounds; the table shows medians (default 11)")
+    ap.add_argument("--iters", type=int, default=5, help="timed passes per loss and round (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed passes before each timing (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    args = ap.parse_args(argv)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    sample = torch.randn(args.batch, args.classes, args.size, args.size, generator=gen) * args.scale
+    active = (logit_distances(sample) > 10).float().mean().item()
+    print(f"forward + backward, logits {args.batch}×{args.classes}×{args.size}×{args.size} ~ N(0, {args.scale:g}²), "
+          f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{100 * active:.0f}% of the logit distances exceed the margin 10; median of {args.repeats} rounds of "
+          f"{args.iters} passes (after {args.warmup} warm-up passes), each paired with CE\n")
+    results = run(args.batch, args.classes, args.size, args.scale, args.repeats, args.iters, args.warmup, args.seed,
+                  args.device)
+    print("| loss | ms | × CE |")
+    print("|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['ms']:.2f} | {r['ratio']:.2f} |")
+    ratio = results["mbls"]["ratio"]
+    verdict = "ok" if ratio <= MBLS_TARGET else "ABOVE TARGET"
+    print(f"\nmbls / ce = {ratio:.2f} (target <= {MBLS_TARGET}): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
