@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.config import apply_overrides
+from pipeline.labels import class_indices
 from pipeline.registry import check_name
 
 # The defaults of the ``evaluation`` block (configs/base.yaml holds the same values; a test keeps them equal).
@@ -142,10 +143,7 @@ class EvaluationOutputs:
         if z.shape[0] != self.k:
             raise ValueError(f"the network returned {z.shape[0]} channels, expected {self.k} (one per class)")
         label = data["label"]
-        index = _plain(label).round().long()
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.k):
-            raise ValueError(f"labels must lie in [0, {self.k - 1}], got values in [{int(index.min())}, "
-                             f"{int(index.max())}]")
+        index = class_indices(_plain(label).round(), self.k)
         out = dict(data)
         out["logits"] = z
         out["prob"] = torch.softmax(z, 0)

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.labels import class_indices
+
 
 def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Return ``labels`` as a ``long`` tensor of shape ``B×spatial`` that matches ``logits`` (``B×K×spatial``).
@@ -43,17 +45,7 @@ def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             f"labels have shape {tuple(labels.shape)}, expected {(logits.shape[0], 1, *spatial)} or "
             f"{(logits.shape[0], *spatial)} to match logits of shape {tuple(logits.shape)}"
         )
-    if labels.is_floating_point():
-        if not torch.equal(labels, labels.round()):
-            raise ValueError("labels must be whole class indices, got non-integer values")
-        labels = labels.long()
-    elif labels.dtype != torch.long:
-        labels = labels.long()
-    if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= n_classes:
-            raise ValueError(f"labels must lie in [0, {n_classes - 1}] for {n_classes} classes, got values in [{lo}, {hi}]")
-    return labels.as_subclass(torch.Tensor) if type(labels) is not torch.Tensor else labels
+    return class_indices(labels, n_classes)
 
 
 def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

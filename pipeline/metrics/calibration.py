@@ -35,6 +35,8 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from pipeline.labels import class_indices
+
 NLL_EPS = 1e-12
 
 
@@ -58,15 +60,7 @@ def _check_inputs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
             f"labels have shape {tuple(labels.shape)}, expected {tuple(probs.shape[1:])} or "
             f"{(1, *probs.shape[1:])} to match probs of shape {tuple(probs.shape)}"
         )
-    if labels.is_floating_point():
-        if not torch.equal(labels, labels.round()):
-            raise ValueError("labels must be whole class indices, got non-integer values")
-    labels = labels.long()
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(
-            f"labels must lie in [0, {n_classes - 1}] for {n_classes} probability channels, "
-            f"got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
+    labels = class_indices(labels, n_classes, "probability channels")
     return probs, labels
 
 
