@@ -37,20 +37,26 @@ def build_parser(args: argparse.Namespace):
     return cfg.load_config(args.dataset, args.loss, args.backbone, overrides)
 
 
+def _print_tables(out: dict, title: str) -> None:
+    """The test table, then the post-hoc and noise tables when the evaluation made them."""
+    sections = [(title, out["table"]),
+                ("Post-hoc calibration (fitted on the validation volumes), test volumes:", out.get("posthoc_table")),
+                ("Gaussian noise on the test images:", out.get("noise_table"))]
+    for heading, table in sections:
+        if table:
+            print()
+            print(heading)
+            print(table)
+    print()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import run_training
 
     parser = build_parser(args)
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
     out = run_training(parser, run_name=args.run_name, quiet=args.quiet)
-    print()
-    print(f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
-    print(out["table"])
-    if out.get("posthoc_table"):
-        print()
-        print("Post-hoc calibration (fitted on the validation volumes), test volumes:")
-        print(out["posthoc_table"])
-    print()
+    _print_tables(out, f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
     print(f"run folder : {out['run_dir']}")
     print(f"MLflow run : {out['run_id']}  (make ui, then open http://127.0.0.1:5000)")
     return 0
@@ -60,22 +66,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_run
 
     out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet)
-    print()
-    print("Test results:")
-    print(out["table"])
-    if out["posthoc_table"]:
-        print()
-        print("Post-hoc calibration (fitted on the validation volumes), test volumes:")
-        print(out["posthoc_table"])
-    if out["noise_table"]:
-        print()
-        print("Gaussian noise on the test images:")
-        print(out["noise_table"])
-    print()
+    _print_tables(out, "Test results:")
     print(f"run folder : {out['run_dir']}  (summary.md, figures, maps/, posthoc/)")
     print(f"MLflow run : {out['run_id']}  (test metrics at step {out['step']})")
     return 0
-
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

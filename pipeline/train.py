@@ -230,4 +230,5 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
         raise
     tracker.finish()
     return {"run_id": tracker.run_id, "run_dir": run_dir, "results": out["results"], "table": out["table"],
-            "posthoc_table": out["posthoc_table"], "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
+            "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
+            "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
