@@ -87,6 +87,6 @@ export: $(STAMP)
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(ARGS)
 
 .PHONY: bench-losses
-## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 11"
+## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 41"
 bench-losses: $(STAMP)
 	$(PY) -m pipeline.benchmarks.losses $(ARGS)

@@ -450,7 +450,7 @@ def test_mbls_workspace_is_reused_between_steps_and_never_changes_results():
     assert torch.equal(_mbls_grads(loss, b, labels), gb)
     # a new input shape gets new buffers
     loss(torch.randn(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
-    assert [b.shape for b in loss.workspace._buffers] == [(1, 3, 4, 4)] * 2
+    assert [b.shape for b in loss.workspace._buffers] == [(1, 3, 4, 4)] * 4
 
 
 def test_losses_can_be_copied_and_pickled_after_use():
@@ -480,3 +480,18 @@ def test_mbls_retain_graph_second_backward():
     loss(logits, labels)  # a newer call reuses (overwrites) the buffers the old graph saved
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(value, x)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "l2_hinge", "l2_two_sided"])
+def test_fused_margin_backward_scales_with_the_incoming_gradient(penalty):
+    # loss.backward() takes a one-pass route (incoming gradient exactly 1); any other factor the general one
+    torch.manual_seed(12)
+    logits, labels = torch.randn(2, 4, 5, 3) * 15, torch.randint(0, 4, (2, 5, 3))
+    a = logits.clone().requires_grad_(True)
+    ce_and_margin_penalty(a, labels, 8.0, 0.2, penalty)[0].backward()
+    b = logits.clone().requires_grad_(True)
+    (ce_and_margin_penalty(b, labels, 8.0, 0.2, penalty)[0] * 2.5).backward()
+    c = logits.clone().requires_grad_(True)
+    (F.cross_entropy(c, labels) + 0.2 * margin_penalty(c, 8.0, penalty)).backward()
+    assert torch.allclose(a.grad, c.grad, atol=1e-7)
+    assert torch.allclose(b.grad, 2.5 * c.grad, atol=1e-6)

@@ -60,7 +60,7 @@ def time_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int, w
     return (time.perf_counter() - start) / iters
 
 
-def run(batch: int = 4, classes: int = 4, size: int = 224, scale: float = 10.0, repeats: int = 11, iters: int = 5,
+def run(batch: int = 4, classes: int = 4, size: int = 224, scale: float = 10.0, repeats: int = 21, iters: int = 5,
         warmup: int = 2, seed: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Time every loss of :data:`pipeline.losses.LOSSES` against CE.
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=4, help="K (default 4)")
     ap.add_argument("--size", type=int, default=224, help="H = W (default 224)")
     ap.add_argument("--scale", type=float, default=10.0, help="standard deviation of the logits (default 10)")
-    ap.add_argument("--repeats", type=int, default=11, help="rounds; the table shows medians (default 11)")
+    ap.add_argument("--repeats", type=int, default=21, help="rounds; the table shows medians (default 21)")
     ap.add_argument("--iters", type=int, default=5, help="timed passes per loss and round (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed passes before each timing (default 2)")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,15 @@
 """Margin-based label smoothing (MbLS), Liu et al. CVPR 2022 / Murugesan et al. MedIA 2024, Eq. 7.
 
 The penalties act on the logit distances ``d_k = max_j l_j − l_k`` (Eq. 1). ``CE + penalty`` is computed by one
-fused autograd function (:func:`ce_and_margin_penalty`): the penalty reuses the cross-entropy's log-softmax, works
-in place in two scratch buffers kept from one step to the next (:class:`MarginWorkspace`) and writes the gradients
-of both terms into one of them, instead of autograd's chain of fresh temporaries and boolean masks
+fused autograd function (:func:`ce_and_margin_penalty`): the cross-entropy and the penalty share the shifted logits
+``l − max_j l_j``, work in place in scratch buffers kept from one step to the next (:class:`MarginWorkspace`) and form
+both gradients in the forward, instead of autograd's chain of fresh temporaries, boolean masks and gathers
 (``make bench-losses`` measures the cost against plain cross-entropy).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -47,7 +48,7 @@ def margin_penalty(logits: torch.Tensor, margin: float, penalty: str = "l1") -> 
 
 
 class MarginWorkspace:
-    """Two logits-sized scratch tensors that :func:`ce_and_margin_penalty` reuses from one training step to the next.
+    """Four logits-sized scratch tensors that :func:`ce_and_margin_penalty` reuses from one training step to the next.
 
     Allocating fresh logits-sized temporaries at every step can cost more than the arithmetic done on them (new
     memory is zero-filled page by page by the operating system). The buffers are lent to one autograd graph at a
@@ -57,17 +58,19 @@ class MarginWorkspace:
     by autograd ("modified by an inplace operation") rather than computed from overwritten values.
     """
 
+    n_buffers = 4
+
     def __init__(self) -> None:
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffers: tuple[torch.Tensor, ...] | None = None
         self._owner = None  # weak reference to the autograd context that holds the buffers
 
-    def acquire(self, like: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two contiguous tensors shaped like ``like``: the reused ones when free, else new ones."""
+    def acquire(self, like: torch.Tensor, ctx) -> tuple[torch.Tensor, ...]:
+        """:attr:`n_buffers` contiguous tensors shaped like ``like``: the reused ones when free, else new ones."""
         if self._owner is not None and self._owner() is not None:
-            return _empty2(like)
+            return _scratch(like)
         b = self._buffers
         if b is None or b[0].shape != like.shape or b[0].dtype != like.dtype or b[0].device != like.device:
-            b = self._buffers = _empty2(like)
+            b = self._buffers = _scratch(like)
         self._owner = weakref.ref(ctx)
         return b
 
@@ -82,72 +85,108 @@ class MarginWorkspace:
         self.__init__()
 
 
-def _empty2(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(like.shape, dtype=like.dtype, device=like.device),
-            torch.empty(like.shape, dtype=like.dtype, device=like.device))
+_LOG2E = 1.4426950408889634  # e^x = 2^(x·log2 e)
 
 
-class _NLLMargin(torch.autograd.Function):
-    """``(NLL, penalty, NLL + alpha · penalty)`` of log-probabilities ``logp``; both gradients in one buffer.
+@functools.lru_cache(maxsize=32)
+def _class_ids_cached(n_classes: int, ndim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.arange(n_classes, dtype=dtype, device=device).view(1, -1, *[1] * (ndim - 2))
 
-    Distances are taken on ``logp = log_softmax(l)``: ``max_j logp_j − logp_k = max_j l_j − l_k`` (the log-sum-exp
-    cancels). With ``N`` voxels, ``K`` classes and ``w_k = ∂P/∂d_k`` of the per-element penalty ``P``:
-    ``∂NLL/∂logp = −onehot(y) / N`` and ``∂pen/∂logp = (−w + e_argmax · Σ_k w_k) / (N·K)`` (the max receives what
-    the distances lose; argmax ties share it equally, like the gradient of ``torch.amax``). Autograd's
-    log-softmax backward turns this into the gradient with respect to the logits.
 
-    Every step is a float op into one of two logits-sized buffers, in place (boolean masks, ``where`` and
-    ``argmax`` cost far more on CPU): the distances become the excess over the margin, then ``w``, then
-    ``w − (1 − off_max) · share`` (one ``lerp``) with ``off_max = [d > 0]`` and ``share = Σ_k w_k / #maxima``; the
-    backward writes that times ``−c`` into the other buffer and adds the NLL's ``−1/N`` at the labels. The weighted
-    sum is an output too, which spares autograd two nodes.
+def _class_ids(n_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """``0, 1, …, K−1`` along axis 1, broadcastable against ``like`` (``B×K×spatial``), with its dtype and device."""
+    return _class_ids_cached(n_classes, like.ndim, like.dtype, like.device)
+
+
+def _scratch(like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(like.shape, dtype=like.dtype, device=like.device)
+                 for _ in range(MarginWorkspace.n_buffers))
+
+
+class _CEMargin(torch.autograd.Function):
+    """``(CE, penalty, CE + alpha · penalty)`` of logits ``l``, with their gradients, in one pass of float ops.
+
+    With ``M = max_k l_k``, everything follows from the shifted logits ``s = l − M <= 0`` (``s_k = −d_k``, Eq. 1):
+    ``softmax = e^s / Z`` with ``Z = Σ_k e^s_k >= 1``, ``CE = mean(log Z − s_y)``, and with ``N`` voxels, ``K``
+    classes and ``w_k = ∂P/∂d_k`` of the per-element penalty ``P``::
+
+        ∂CE/∂l  = (softmax − onehot(y)) / N
+        ∂pen/∂l = −(w − e_max · Σ_k w_k) / (N·K)
+
+    (the max receives what the distances lose; argmax ties share it equally, like the gradient of ``torch.amax``).
+    Neither the log-softmax nor a gather/scatter by label is materialised: the labels enter as a float one-hot
+    (one comparison with the class indices), the sums as dot products, and both gradient directions are formed in
+    the forward, so that the backward is one multiply-add (one ``add`` for ``loss.backward()`` on CPU). Every step is an elementwise or class-axis float op in
+    place in the workspace (boolean masks, ``where``, ``argmax``, ``gather`` and ``scatter`` cost several times
+    more on CPU). The weighted sum is an output too, which spares autograd two nodes.
     """
 
     @staticmethod
-    def forward(ctx, logp, labels, margin: float, alpha: float, penalty: str, workspace: MarginWorkspace | None):
+    def forward(ctx, logits, labels, margin: float, alpha: float, penalty: str, workspace: MarginWorkspace | None):
         ctx.set_materialize_grads(False)  # usually only the weighted sum gets a gradient: skip zero tensors
-        index = labels.unsqueeze(1)
-        nll = logp.gather(1, index).mean().neg_()
-        dist, off_max = _empty2(logp) if workspace is None else workspace.acquire(logp, ctx)
-        torch.sub(logp.amax(dim=1, keepdim=True), logp, out=dist)
-        torch.sign(dist, out=off_max)  # 0 at the max (and at ties), 1 elsewhere
+        n_classes = logits.shape[1]
+        numel = logits.numel()
+        shifted, probs, w, onehot = _scratch(logits) if workspace is None else workspace.acquire(logits, ctx)
+        s_flat = shifted.view(-1)
+        torch.eq(labels.unsqueeze(1).to(logits.dtype), _class_ids(n_classes, logits), out=onehot)
+        max_logit = logits.amax(dim=1, keepdim=True)
+        torch.sub(logits, max_logit, out=shifted)  # s = −d
+        torch.mul(shifted, _LOG2E, out=probs).exp2_()  # e^s (torch's exp2 is several times faster than its exp)
+        z = probs.sum(dim=1, keepdim=True)
+        # CE = (Σ_voxels log Z − Σ s_y) / N
+        ce = torch.log(z).sum().sub_(torch.dot(s_flat, onehot.view(-1))).mul_(n_classes / numel)
         if penalty == "l1":
-            excess = F.softshrink(dist, margin, out=dist)  # relu(d − m), as d >= 0
-            value = excess.mean()
-            w = excess.sign_()
+            torch.lt(shifted, -margin, out=w)  # w = [d > m]
+            count = w.sum(dim=1, keepdim=True)
+            # Σ relu(d − m) = Σ w · (−s − m)
+            value = torch.dot(w.view(-1), s_flat).add_(count.sum(), alpha=margin).mul_(-1.0 / numel)
         else:
-            excess = F.softshrink(dist, margin, out=dist) if penalty == "l2_hinge" else dist.sub_(margin)
-            flat = excess.view(-1)
-            value = torch.dot(flat, flat).div_(flat.numel())
-            w = excess.mul_(2.0)
+            if penalty == "l2_hinge":
+                F.softshrink(shifted, margin, out=w)  # −relu(d − m), as s <= 0
+            else:
+                torch.add(shifted, margin, out=w)  # −(d − m)
+            flat = w.view(-1)
+            value = torch.dot(flat, flat).mul_(1.0 / numel)
+            w.mul_(-2.0)
+        is_max = shifted.eq_(0.0)  # 1 at the max and at tied maxima
+        if penalty != "l1":
             if penalty == "l2_two_sided":
-                # the max's own term (d = 0, a constant) has no gradient: drop its w = −2m
-                w.mul_(off_max)
-        # what the distances lose goes to the max, shared by tied maxima: share = Σ_k w_k / (K − Σ_k off_max_k);
-        # −share + off_max · (w + share) = w − (1 − off_max) · share is the penalty's gradient times −N·K
-        neg_share = w.sum(dim=1, keepdim=True).div_(off_max.sum(dim=1, keepdim=True).sub_(logp.shape[1]))
-        negative = torch.lerp(neg_share, w, off_max, out=w)
-        ctx.save_for_backward(index, negative)
-        ctx.scratch = off_max  # spent: the backward writes into it (the gradient only ever flows into the
-        # log-softmax's backward, which does not keep it)
+                w.add_(is_max, alpha=2.0 * margin)  # the max's own term (d = 0, a constant) has no gradient
+            count = w.sum(dim=1, keepdim=True)
+        # share = Σ_k w_k / #maxima; w − is_max · share is the penalty's gradient times −N·K
+        n_voxels = numel // n_classes
+        if is_max.device.type == "cpu" and n_voxels < 2**24 and float(is_max.sum()) == n_voxels:
+            neg_share = count.neg_()  # no tie anywhere (checked exactly: a float32 sum of < 2^24 ones; no device sync)
+        else:
+            neg_share = count.div_(is_max.sum(dim=1, keepdim=True)).neg_()
+        negative = torch.addcmul(w, is_max, neg_share, out=w)
+        ce_grad = probs.div_(z.mul_(numel / n_classes)).sub_(onehot, alpha=n_classes / numel)  # (softmax − onehot) / N
+        ctx.save_for_backward(ce_grad, negative)
         ctx.workspace = workspace
         ctx.alpha = alpha
-        return nll, value, torch.add(nll, value, alpha=alpha)
+        return ce, value, torch.add(ce, value, alpha=alpha)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_nll, grad_pen, grad_total):
-        index, negative = ctx.saved_tensors
-        g_nll, g_pen = grad_nll, grad_pen
+    def backward(ctx, grad_ce, grad_pen, grad_total):
+        ce_grad, negative = ctx.saved_tensors
+        g_ce, g_pen = grad_ce, grad_pen
         if grad_total is not None:
-            g_nll = grad_total if g_nll is None else g_nll + grad_total
+            g_ce = grad_total if g_ce is None else g_ce + grad_total
             g_pen = grad_total * ctx.alpha if g_pen is None else g_pen + grad_total * ctx.alpha
+        # g_ce · ce_grad − g_pen · negative / numel, into a fresh tensor, not a workspace buffer: whoever receives the
+        # gradient may keep it (autograd stores it as ``logits.grad`` without a copy when nothing else refers to it)
+        out = torch.empty_like(negative)
         if g_pen is None:
-            grad = ctx.scratch.zero_()
+            grad = None if g_ce is None else torch.mul(ce_grad, g_ce, out=out)
         else:
-            grad = torch.mul(negative, g_pen * (-1.0 / negative.numel()), out=ctx.scratch)
-        if g_nll is not None:
-            grad.scatter_add_(1, index, (g_nll * (-1.0 / index.numel())).expand(index.shape))
+            pen_scale = g_pen * (-1.0 / negative.numel())
+            if g_ce is None:
+                grad = torch.mul(negative, pen_scale, out=out)
+            elif out.device.type == "cpu" and float(g_ce) == 1.0:  # loss.backward(): one pass (no device sync on CPU)
+                grad = torch.add(ce_grad, negative, alpha=float(pen_scale), out=out)
+            else:
+                grad = torch.mul(negative, pen_scale, out=out).addcmul_(ce_grad, g_ce)
         if ctx.workspace is not None:
             ctx.workspace.release(ctx)
         return grad, None, None, None, None, None
@@ -170,9 +209,8 @@ def ce_and_margin_penalty(logits: torch.Tensor, labels: torch.Tensor, margin: fl
     """
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
-    nll, value, total = _NLLMargin.apply(torch.log_softmax(logits, dim=1), labels, float(margin), float(alpha),
-                                         penalty, workspace)
-    return total, nll, value
+    ce, value, total = _CEMargin.apply(logits, labels, float(margin), float(alpha), penalty, workspace)
+    return total, ce, value
 
 
 def check_margin_alpha(margin: float, alpha: float) -> tuple[float, float]:
