@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.spatial import KDTree
+from scipy.spatial import cKDTree
 
 
 def mask_edges(masks) -> np.ndarray:
@@ -51,17 +51,13 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
-def _pair_distances(tree_masks: np.ndarray, query_masks: np.ndarray, scale: np.ndarray, gap: float):
-    """For ``P×spatial`` masks: the distance (float32, as MONAI) from each query voxel to the nearest tree voxel of
-    the same pair ``p``, and the pair index of each query voxel."""
-    tp = np.argwhere(tree_masks)
-    qp = np.argwhere(query_masks)
-    if len(qp) == 0:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    tree = np.concatenate([tp[:, :1] * gap, tp[:, 1:] * scale], axis=1)
-    query = np.concatenate([qp[:, :1] * gap, qp[:, 1:] * scale], axis=1)
-    d = KDTree(tree, leafsize=32).query(query, k=1)[0].astype(np.float32).astype(np.float64)
-    return d, qp[:, 0]
+def _nearest(tree_points: np.ndarray, query_points: np.ndarray) -> np.ndarray:
+    """Distance (float32, as MONAI) from each query point to the nearest tree point; both ``n×d`` arrays."""
+    if len(query_points) == 0:
+        return np.zeros(0)
+    # an unbalanced tree without node compaction builds about twice as fast and answers the same queries
+    tree = cKDTree(tree_points, leafsize=32, balanced_tree=False, compact_nodes=False)
+    return tree.query(query_points, k=1)[0].astype(np.float32).astype(np.float64)
 
 
 def symmetric_asd(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
@@ -96,9 +92,13 @@ def symmetric_asd(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float
         # by more than any distance inside the volume, so a nearest neighbour is always of its own pair
         ep, et = edges_pred[both], edges_true[both]
         gap = 2.0 * float(np.sqrt(((np.asarray(ep.shape[1:]) * scale) ** 2).sum())) + 1.0
-        d1, i1 = _pair_distances(et, ep & ~et, scale, gap)  # predicted edge voxels → ground-truth edges
-        d2, i2 = _pair_distances(ep, et & ~ep, scale, gap)  # and back; shared edge voxels are at distance 0
-        n = ep.reshape(len(both), -1).sum(1) + et.reshape(len(both), -1).sum(1)
+        cp, ct = np.argwhere(ep), np.argwhere(et)  # (pair, voxel index…) of every edge voxel
+        xp = np.concatenate([cp[:, :1] * gap, cp[:, 1:] * scale], axis=1)
+        xt = np.concatenate([ct[:, :1] * gap, ct[:, 1:] * scale], axis=1)
+        only_p, only_t = ~et[tuple(cp.T)], ~ep[tuple(ct.T)]  # shared edge voxels are at distance 0
+        d1, i1 = _nearest(xt, xp[only_p]), cp[only_p, 0]  # predicted edge voxels → ground-truth edges
+        d2, i2 = _nearest(xp, xt[only_t]), ct[only_t, 0]  # and back
+        n = np.bincount(cp[:, 0], minlength=len(both)) + np.bincount(ct[:, 0], minlength=len(both))
         total = np.bincount(i1, weights=d1, minlength=len(both)) + np.bincount(i2, weights=d2, minlength=len(both))
         out[torch.from_numpy(both)] = torch.from_numpy(total / n).float()
     return out.reshape(b, c).to(y_pred.device)
