@@ -138,7 +138,32 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, foreground_only: bool) -> t
 
 # --------------------------------------------------------------------------------------------------------------
 # temperature scaling
-class TemperatureScaling(nn.Module):
+class _Calibrator(nn.Module):
+    """Persistence shared by the post-hoc calibrators: a calibrator's fitted state is a small dict with its
+    ``kind``; subclasses define :meth:`calibrator_state`, :meth:`load_calibrator_state` and :meth:`_from_state`."""
+
+    kind = ""
+
+    def calibrator_state(self) -> dict:  # pragma: no cover - defined by every subclass
+        raise NotImplementedError
+
+    def save_calibrator(self, path: str | os.PathLike) -> Path:
+        """Write the fitted state to ``path`` (atomically: an existing file is replaced only once complete)."""
+        return _save_atomic(self.calibrator_state(), path)
+
+    @classmethod
+    def load_calibrator(cls, network: nn.Module, path: str | os.PathLike):
+        """A calibrator around ``network`` with the state saved at ``path`` (its kind must be this class's)."""
+        state = _load_state(path)
+        _check_kind(state, cls.kind, path)
+        return cls._from_state(network, state)
+
+    @classmethod
+    def _from_state(cls, network: nn.Module, state: dict):  # pragma: no cover - defined by every subclass
+        raise NotImplementedError
+
+
+class TemperatureScaling(_Calibrator):
     """Temperature scaling around a network: ``forward(x) = network(x) / T`` with one learnt ``T > 0``.
 
     ``T = exp(log_temperature)`` keeps it positive. The argmax of the output equals the network's.
@@ -235,13 +260,8 @@ class TemperatureScaling(nn.Module):
         with torch.no_grad():
             self.log_temperature.fill_(math.log(float(state["temperature"])))
 
-    def save_calibrator(self, path: str | os.PathLike) -> Path:
-        return _save_atomic(self.calibrator_state(), path)
-
     @classmethod
-    def load_calibrator(cls, network: nn.Module, path: str | os.PathLike) -> TemperatureScaling:
-        state = _load_state(path)
-        _check_kind(state, cls.kind, path)
+    def _from_state(cls, network: nn.Module, state: dict) -> TemperatureScaling:
         return cls(network, float(state["temperature"]))
 
 
@@ -347,7 +367,7 @@ class TemperatureNet(nn.Module):
         return (F.relu(x + 1.0) + LTS_EPS)[:, None]
 
 
-class LocalTemperatureScaling(nn.Module):
+class LocalTemperatureScaling(_Calibrator):
     """Local temperature scaling around a 2D network: ``forward(x) = logits / T(logits, x)``, ``T`` per pixel.
 
     Args:
@@ -459,13 +479,8 @@ class LocalTemperatureScaling(nn.Module):
         _check_kind(state, self.kind)
         self.temperature_net.load_state_dict(state["state_dict"])
 
-    def save_calibrator(self, path: str | os.PathLike) -> Path:
-        return _save_atomic(self.calibrator_state(), path)
-
     @classmethod
-    def load_calibrator(cls, network: nn.Module, path: str | os.PathLike) -> LocalTemperatureScaling:
-        state = _load_state(path)
-        _check_kind(state, cls.kind, path)
+    def _from_state(cls, network: nn.Module, state: dict) -> LocalTemperatureScaling:
         net = TemperatureNet(**state["config"])
         net.load_state_dict(state["state_dict"])
         return cls(network, net)
