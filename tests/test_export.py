@@ -101,3 +101,17 @@ def test_label_guided_steps_are_left_out_and_existing_bundles_kept(trained):
     with pytest.raises(FileNotFoundError, match="no fitted LTS calibrator"):
         export_bundle(str(trained["out"]["run_dir"]), name="lts", calibration="lts", out_root=bundles)
     assert not (bundles / "lts").exists()
+
+
+def test_bundle_command_line_of_monai_verifies_the_export(trained):
+    # the README's command: MONAI's own command line (which needs the `fire` package) on an exported bundle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dest = export_bundle(str(trained["out"]["run_dir"]), name="cli", out_root=trained["tmp"] / "bundles")
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                           str(dest / "configs" / "metadata.json"), "--filepath", str(SCHEMA_FILE)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "metadata is verified with no error" in done.stdout + done.stderr
