@@ -328,10 +328,11 @@ def noise_sweep(
     seed: int = 0,
     n_bins: int = 15,
     amp: bool = False,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> list[dict]:
     """DSC and foreground ECE of ``network`` on the volumes of ``loader`` with Gaussian noise of each ``sigma``
     added to the images (paper §5.2.4, Fig. 5). Metrics as in the main evaluation: mean over volumes (and
-    foreground classes for DSC).
+    foreground classes for DSC, or the evaluation ``regions`` when given, e.g. BraTS ET/TC/WT).
 
     Returns:
         one row per sigma: ``{"sigma", "dsc", "ece", "cece"}``.
@@ -348,7 +349,7 @@ def noise_sweep(
         evaluator = SupervisedEvaluator(
             device=device, val_data_loader=loader, network=network, prepare_batch=GaussianNoiseBatch(sigma, seed),
             inferer=SliceBatchInferer(spatial_dim=slice_axis), postprocessing=postprocessing(num_classes),
-            key_val_metric={"dsc": dice_handler(from_engine(["pred", "label"]), save_details=False)},
+            key_val_metric={"dsc": dice_handler(from_engine(["pred", "label"]), save_details=False, regions=regions)},
             additional_metrics={"calibration": CalibrationMetrics(
                 n_bins=n_bins, output_transform=from_engine(["prob", "label"]))},
             amp=amp,

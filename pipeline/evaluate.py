@@ -644,7 +644,8 @@ def evaluate_trained(
     if settings["noise"]["sigmas"]:
         say(f"noise sweep (σ = {', '.join(f'{s:g}' for s in settings['noise']['sigmas'])}) ...")
         results["noise"] = noise_sweep(network, volume_loader(data["volumes"]["test"]), device, k, slice_axis,
-                                       settings["noise"]["sigmas"], int(settings["noise"]["seed"]), n_bins, amp)
+                                       settings["noise"]["sigmas"], int(settings["noise"]["seed"]), n_bins, amp,
+                                       regions=list(regions.values()) or None)
     timings["noise_s"] = time.time() - t0
 
     # 4. reports

@@ -191,6 +191,17 @@ def test_noise_sweep_is_reproducible_and_sigma_zero_is_the_clean_evaluation():
     assert a[0]["ece"] == pytest.approx(ev.state.metrics["test/ece"], abs=1e-12)
 
 
+def test_noise_sweep_scores_the_evaluation_regions_like_the_test_table():
+    net, vols = TinyNet().eval(), tiny_volumes()
+    regions = [[2], [1, 2]]  # e.g. BraTS: DSC on unions of training classes
+    clean = noise_sweep(net, loader(vols), torch.device("cpu"), 3, 2, sigmas=[0.0], seed=0, regions=regions)[0]
+    by_class = noise_sweep(net, loader(vols), torch.device("cpu"), 3, 2, sigmas=[0.0], seed=0)[0]
+    ev = create_test_evaluator(net, loader(vols), torch.device("cpu"), 3, 2, regions=regions)
+    ev.run()
+    assert clean["dsc"] == pytest.approx(ev.state.metrics["test/dsc"], abs=1e-6)
+    assert clean["dsc"] != pytest.approx(by_class["dsc"], abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------- the test evaluator
 def test_test_evaluator_matches_the_calibration_module_and_scores_each_method():
     net, vols = TinyNet().eval(), tiny_volumes(soft=True)
