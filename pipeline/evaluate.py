@@ -637,6 +637,7 @@ def evaluate_trained(
     methods = ["pre", *calibrators]
     results = summarise(evaluator, class_names, test_ids, methods=methods, region_names=list(regions))
     results["notes"] = notes + results["notes"] + maps.notes
+    results["distance_unit"] = str(dataset.get("distance_unit", "mm"))  # of ASD: px where images carry no spacing
     timings["test_s"] = time.time() - t0
 
     # 3. noise

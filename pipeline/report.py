@@ -20,6 +20,11 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _asd_label(results: dict) -> str:
+    """``ASD(mm)``, or the unit of the dataset's distances (``dataset::distance_unit``, e.g. ``px`` for BUSI)."""
+    return f"ASD({results.get('distance_unit', 'mm')})"
+
+
 def results_table(results: dict) -> str:
     """The test table: per foreground class DSC, ASD, ECE and SCE, then the mean row.
 
@@ -30,7 +35,7 @@ def results_table(results: dict) -> str:
     """
     names = results["class_names"]
     pc = results["per_class"]
-    header = f"{'class':<14}{'DSC':>8}{'ASD(mm)':>10}{'ECE':>8}{'SCE':>8}"
+    header = f"{'class':<14}{'DSC':>8}{_asd_label(results):>10}{'ECE':>8}{'SCE':>8}"
     lines = [header, "-" * len(header)]
     for name in names[1:] + list(results.get("region_names") or []):  # evaluation regions after the classes
         c = pc[name]
@@ -319,7 +324,7 @@ def posthoc_table(results: dict) -> str:
     when the dataset has soft labels)."""
     methods = results["methods"]
     soft = any("soft/ece" in m["mean"] for m in methods.values())
-    cols = [("DSC", "dsc", 3), ("ASD(mm)", "asd", 2), ("ECE", "ece", 4), ("CECE", "cece", 4), ("aECE", "aece", 4),
+    cols = [("DSC", "dsc", 3), (_asd_label(results), "asd", 2), ("ECE", "ece", 4), ("CECE", "cece", 4), ("aECE", "aece", 4),
             ("NLL", "nll", 3), ("Brier", "brier", 3)] + ([("softECE", "soft/ece", 4)] if soft else [])
     header = f"{'method':<8}" + "".join(f"{c:>9}" for c, _, _ in cols)
     lines = [header, "-" * len(header)]
@@ -350,7 +355,7 @@ def summary_markdown(info: dict, results: dict, figures: Sequence[str]) -> str:
     lines.append(f"- weights: `{info.get('checkpoint')}`")
     lines.append(f"- {results['n_volumes']} test volumes; calibration on ground-truth foreground voxels, "
                  f"{info.get('n_bins', 15)} bins, per volume then averaged")
-    lines += ["", "## Test results (mean over volumes)", "", "| method | DSC | ASD (mm) | ECE | CECE | aECE | NLL | Brier |",
+    lines += ["", "## Test results (mean over volumes)", "", f"| method | DSC | ASD ({results.get('distance_unit', 'mm')}) | ECE | CECE | aECE | NLL | Brier |",
               "|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         v = m["mean"]

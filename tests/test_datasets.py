@@ -175,3 +175,6 @@ def test_one_epoch_of_training_and_evaluation(samples, tracking, tmp_path, name)
         assert results["region_names"] == ["ET", "TC", "WT"]
         assert all(0.0 <= results["per_class"][r]["dsc"] <= 1.0 for r in ("ET", "TC", "WT"))
         assert "WT" in out["table"] and "test/dsc/WT" in run.data.metrics
+    # surface distances in mm, or in pixels where the images carry no spacing (BUSI's PNGs)
+    unit = "px" if name == "busi" else "mm"
+    assert f"ASD({unit})" in out["table"] and f"ASD ({unit})" in (out["run_dir"] / "summary.md").read_text()
