@@ -324,8 +324,8 @@ def posthoc_table(results: dict) -> str:
     when the dataset has soft labels)."""
     methods = results["methods"]
     soft = any("soft/ece" in m["mean"] for m in methods.values())
-    cols = [("DSC", "dsc", 3), (_asd_label(results), "asd", 2), ("ECE", "ece", 4), ("CECE", "cece", 4), ("aECE", "aece", 4),
-            ("NLL", "nll", 3), ("Brier", "brier", 3)] + ([("softECE", "soft/ece", 4)] if soft else [])
+    cols = [("DSC", "dsc", 3), (_asd_label(results), "asd", 2), ("ECE", "ece", 4), ("CECE", "cece", 4),
+            ("aECE", "aece", 4), ("NLL", "nll", 3), ("Brier", "brier", 3)] + ([("softECE", "soft/ece", 4)] if soft else [])
     header = f"{'method':<8}" + "".join(f"{c:>9}" for c, _, _ in cols)
     lines = [header, "-" * len(header)]
     for name, m in methods.items():
@@ -355,7 +355,9 @@ def summary_markdown(info: dict, results: dict, figures: Sequence[str]) -> str:
     lines.append(f"- weights: `{info.get('checkpoint')}`")
     lines.append(f"- {results['n_volumes']} test volumes; calibration on ground-truth foreground voxels, "
                  f"{info.get('n_bins', 15)} bins, per volume then averaged")
-    lines += ["", "## Test results (mean over volumes)", "", f"| method | DSC | ASD ({results.get('distance_unit', 'mm')}) | ECE | CECE | aECE | NLL | Brier |",
+    unit = results.get("distance_unit", "mm")
+    lines += ["", "## Test results (mean over volumes)", "",
+              f"| method | DSC | ASD ({unit}) | ECE | CECE | aECE | NLL | Brier |",
               "|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         v = m["mean"]

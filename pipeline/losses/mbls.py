@@ -94,7 +94,7 @@ def _class_ids_cached(n_classes: int, ndim: int, dtype: torch.dtype, device: tor
 
 
 def _class_ids(n_classes: int, like: torch.Tensor) -> torch.Tensor:
-    """``0, 1, …, K−1`` along axis 1, broadcastable against ``like`` (``B×K×spatial``), with its dtype and device."""
+    """``0, 1, …, K−1`` along axis 1, broadcastable against ``like`` (``B×K×spatial``), in its dtype and device."""
     return _class_ids_cached(n_classes, like.ndim, like.dtype, like.device)
 
 
@@ -104,7 +104,7 @@ def _scratch(like: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class _CEMargin(torch.autograd.Function):
-    """``(CE, penalty, CE + alpha · penalty)`` of logits ``l``, with their gradients, in one pass of float ops.
+    """``(CE, penalty, CE + alpha · penalty)`` of logits ``l``, and their gradients, in a few passes of float ops.
 
     With ``M = max_k l_k``, everything follows from the shifted logits ``s = l − M <= 0`` (``s_k = −d_k``, Eq. 1):
     ``softmax = e^s / Z`` with ``Z = Σ_k e^s_k >= 1``, ``CE = mean(log Z − s_y)``, and with ``N`` voxels, ``K``
@@ -116,9 +116,10 @@ class _CEMargin(torch.autograd.Function):
     (the max receives what the distances lose; argmax ties share it equally, like the gradient of ``torch.amax``).
     Neither the log-softmax nor a gather/scatter by label is materialised: the labels enter as a float one-hot
     (one comparison with the class indices), the sums as dot products, and both gradient directions are formed in
-    the forward, so that the backward is one multiply-add (one ``add`` for ``loss.backward()`` on CPU). Every step is an elementwise or class-axis float op in
-    place in the workspace (boolean masks, ``where``, ``argmax``, ``gather`` and ``scatter`` cost several times
-    more on CPU). The weighted sum is an output too, which spares autograd two nodes.
+    the forward, so that the backward is one multiply-add (a single ``add`` for ``loss.backward()`` on CPU). Every
+    step is an elementwise or class-axis float op, in place in the workspace (boolean masks, ``where``, ``argmax``,
+    ``gather`` and ``scatter`` cost several times more on CPU). The weighted sum is an output too, which spares
+    autograd two nodes.
     """
 
     @staticmethod
@@ -160,7 +161,8 @@ class _CEMargin(torch.autograd.Function):
         else:
             neg_share = count.div_(is_max.sum(dim=1, keepdim=True)).neg_()
         negative = torch.addcmul(w, is_max, neg_share, out=w)
-        ce_grad = probs.div_(z.mul_(numel / n_classes)).sub_(onehot, alpha=n_classes / numel)  # (softmax − onehot) / N
+        # ∂CE/∂l = (softmax − onehot) / N
+        ce_grad = probs.div_(z.mul_(numel / n_classes)).sub_(onehot, alpha=n_classes / numel)
         ctx.save_for_backward(ce_grad, negative)
         ctx.workspace = workspace
         ctx.alpha = alpha
@@ -174,8 +176,8 @@ class _CEMargin(torch.autograd.Function):
         if grad_total is not None:
             g_ce = grad_total if g_ce is None else g_ce + grad_total
             g_pen = grad_total * ctx.alpha if g_pen is None else g_pen + grad_total * ctx.alpha
-        # g_ce · ce_grad − g_pen · negative / numel, into a fresh tensor, not a workspace buffer: whoever receives the
-        # gradient may keep it (autograd stores it as ``logits.grad`` without a copy when nothing else refers to it)
+        # g_ce · ce_grad − g_pen · negative / numel, into a fresh tensor, not a workspace buffer: whoever receives
+        # the gradient may keep it (autograd stores it as ``logits.grad`` without a copy when nothing else refers to it)
         out = torch.empty_like(negative)
         if g_pen is None:
             grad = None if g_ce is None else torch.mul(ce_grad, g_ce, out=out)
