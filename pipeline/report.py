@@ -20,9 +20,13 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _distance_unit(results: dict) -> str:
+    """The unit of ASD: ``mm``, or the dataset's ``dataset::distance_unit`` (e.g. ``px`` for BUSI)."""
+    return results.get("distance_unit", "mm")
+
+
 def _asd_label(results: dict) -> str:
-    """``ASD(mm)``, or the unit of the dataset's distances (``dataset::distance_unit``, e.g. ``px`` for BUSI)."""
-    return f"ASD({results.get('distance_unit', 'mm')})"
+    return f"ASD({_distance_unit(results)})"
 
 
 def results_table(results: dict) -> str:
@@ -325,7 +329,9 @@ def posthoc_table(results: dict) -> str:
     methods = results["methods"]
     soft = any("soft/ece" in m["mean"] for m in methods.values())
     cols = [("DSC", "dsc", 3), (_asd_label(results), "asd", 2), ("ECE", "ece", 4), ("CECE", "cece", 4),
-            ("aECE", "aece", 4), ("NLL", "nll", 3), ("Brier", "brier", 3)] + ([("softECE", "soft/ece", 4)] if soft else [])
+            ("aECE", "aece", 4), ("NLL", "nll", 3), ("Brier", "brier", 3)]
+    if soft:
+        cols.append(("softECE", "soft/ece", 4))
     header = f"{'method':<8}" + "".join(f"{c:>9}" for c, _, _ in cols)
     lines = [header, "-" * len(header)]
     for name, m in methods.items():
@@ -355,7 +361,7 @@ def summary_markdown(info: dict, results: dict, figures: Sequence[str]) -> str:
     lines.append(f"- weights: `{info.get('checkpoint')}`")
     lines.append(f"- {results['n_volumes']} test volumes; calibration on ground-truth foreground voxels, "
                  f"{info.get('n_bins', 15)} bins, per volume then averaged")
-    unit = results.get("distance_unit", "mm")
+    unit = _distance_unit(results)
     lines += ["", "## Test results (mean over volumes)", "",
               f"| method | DSC | ASD ({unit}) | ECE | CECE | aECE | NLL | Brier |",
               "|---|---|---|---|---|---|---|---|"]

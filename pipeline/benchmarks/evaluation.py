@@ -139,23 +139,25 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return out
 
-    def evaluate(calibrators):
+    def engine_time(make_engine):
+        """Seconds of running the engine that ``make_engine()`` builds (its construction not counted)."""
         def fn():
-            ev = create_test_evaluator(network, volume_loader(one), device, k, axis, n_bins, calibrators)
+            ev = make_engine()
             t0 = time.perf_counter()
             run_engine(ev)
             return time.perf_counter() - t0
 
         return fn
 
-    def bare():  # the engine alone: load, infer, decollate; no post-processing, no metric
+    def evaluate(calibrators):
+        return engine_time(lambda: create_test_evaluator(network, volume_loader(one), device, k, axis, n_bins,
+                                                         calibrators))
+
+    def bare_evaluator():  # the engine alone: load, infer, decollate; no post-processing, no metric
         from monai.engines import SupervisedEvaluator
 
-        ev = SupervisedEvaluator(device=device, val_data_loader=volume_loader(one), network=network,
-                                 inferer=inferer)
-        t0 = time.perf_counter()
-        run_engine(ev)
-        return time.perf_counter() - t0
+        return SupervisedEvaluator(device=device, val_data_loader=volume_loader(one), network=network,
+                                   inferer=inferer)
 
     def median_run(fn) -> float:
         fn()
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ts = TemperatureScaling(network, 1.1).to(device).eval()
     lts = LocalTemperatureScaling(network, TemperatureNet(k, int(dataset.get("in_channels", 1)))).to(device).eval()
     t_net = _median_time(network_only, args.repeats)
-    t_bare = median_run(bare)
+    t_bare = median_run(engine_time(bare_evaluator))
     t_pre = median_run(evaluate({}))
     t_all = median_run(evaluate({"ts": ts, "lts": lts}))
     shape = "×".join(str(s) for s in one[0]["image"].shape[1:])
