@@ -19,12 +19,13 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import PrepareBatch
 
-from pipeline.metrics.calibration import NLL_EPS, _as_tensor, _check_inputs, _index_labels, bin_index
+from pipeline.metrics.calibration import NLL_EPS, bin_index, check_inputs, index_labels
+from pipeline.tensors import plain
 
 
 def _kept(probs, labels, foreground_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p K×N, y N, keep mask of spatial)`` for the kept voxels, in float64."""
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     k = probs.shape[0]
     p, y = probs.reshape(k, -1), labels.reshape(-1)
     keep = y != 0 if foreground_only else torch.ones_like(y, dtype=torch.bool)
@@ -89,7 +90,7 @@ def soft_label_calibration(probs, soft, labels, n_bins: int = 15, foreground_onl
     Raises:
         ValueError: ``soft`` not of the shape of ``probs``, or outside [0, 1].
     """
-    probs, soft = _as_tensor(probs), _as_tensor(soft)
+    probs, soft = plain(probs), plain(soft)
     if soft.shape != probs.shape:
         raise ValueError(f"soft labels have shape {tuple(soft.shape)}, expected {tuple(probs.shape)} (one channel "
                          "per class, like the probabilities)")
@@ -123,7 +124,7 @@ def logit_sums(logits, labels) -> dict[str, torch.Tensor]:
         ``class_count`` ``K``, ``dist_sum`` (sum over voxels and the ``K − 1`` non-winning classes of the logit
         distance ``d_k = max_j l_j − l_k``), ``dist_count`` (their number), ``dist_max`` (the largest ``d_k``).
     """
-    logits, labels = _check_inputs(logits, labels)
+    logits, labels = check_inputs(logits, labels)
     k = logits.shape[0]
     z = logits.reshape(k, -1).double()
     y = labels.reshape(-1)
@@ -196,11 +197,11 @@ class VolumeExtras(Metric):
         probs, labels, soft = output
         soft = [None] * len(probs) if soft is None else soft
         for p, t, q in zip(probs, labels, soft):
-            p = _as_tensor(p).detach()
-            t = _index_labels(_as_tensor(t).detach(), p.shape[0])
+            p = plain(p).detach()
+            t = index_labels(plain(t).detach(), p.shape[0])
             row = {"aece": adaptive_ece(p, t, self.n_bins, self.foreground_only)}
             if q is not None:
-                s = soft_label_calibration(p, _as_tensor(q).detach().to(p.device), t, self.n_bins, self.foreground_only)
+                s = soft_label_calibration(p, plain(q).detach().to(p.device), t, self.n_bins, self.foreground_only)
                 row.update({f"soft/{k}": v for k, v in s.items()})
             values = torch.tensor([row.get(k, math.nan) for k in self.KEYS], dtype=torch.float64)
             ok = ~torch.isnan(values)
@@ -247,10 +248,10 @@ class LogitStatistics(Metric):
     @reinit__is_reduced
     def update(self, output: Sequence) -> None:
         for z, t in zip(output[0], output[1]):
-            z = _as_tensor(z).detach()
+            z = plain(z).detach()
             if z.shape[0] != self.num_classes:
                 raise ValueError(f"expected {self.num_classes} logit channels, got shape {tuple(z.shape)}")
-            s = logit_sums(z, _index_labels(_as_tensor(t).detach(), z.shape[0]))
+            s = logit_sums(z, index_labels(plain(t).detach(), z.shape[0]))
             flat = torch.cat([s["class_sum"].reshape(-1), s["class_count"], s["dist_sum"][None], s["dist_count"][None]])
             self._sums += flat.to(self._device)
             self._max = torch.maximum(self._max, s["dist_max"].to(self._device))

@@ -19,6 +19,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, CopyItemsd
 
 from pipeline.metrics.calibration import CalibrationMetrics
 from pipeline.metrics.segmentation import asd_handler, dice_handler
+from pipeline.tensors import check_slice_axis
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,9 +40,7 @@ class SliceBatchInferer(Inferer):
 
     def __init__(self, spatial_dim: int = 2, sw_batch_size: int = 32) -> None:
         super().__init__()
-        if spatial_dim not in (0, 1, 2):
-            raise ValueError(f"spatial_dim must be 0, 1 or 2, got {spatial_dim}")
-        self.spatial_dim = spatial_dim
+        self.spatial_dim = check_slice_axis(spatial_dim)
         self.sw_batch_size = sw_batch_size
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.config import apply_overrides
-from pipeline.labels import class_indices
+from pipeline.tensors import class_indices, one_hot, plain
 from pipeline.registry import check_name
 
 # The defaults of the ``evaluation`` block (configs/base.yaml holds the same values; a test keeps them equal).
@@ -102,14 +102,9 @@ def evaluation_settings(block: Mapping | None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the test pass
-def _plain(t):
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
 def _onehot(index: torch.Tensor, k: int) -> torch.Tensor:
     """``1×spatial`` (or ``spatial``) class indices → ``K×spatial`` float one-hot."""
-    idx = index.reshape(index.shape[-3:] if index.ndim > 3 else index.shape).long()
-    return torch.nn.functional.one_hot(idx, k).movedim(-1, 0).float()
+    return one_hot(index.reshape(index.shape[-3:] if index.ndim > 3 else index.shape), k, dim=0)
 
 
 class EvaluationOutputs:
@@ -139,11 +134,11 @@ class EvaluationOutputs:
     def __call__(self, data: dict) -> dict:
         from monai.data import MetaTensor
 
-        z = _plain(data["pred"]).float()
+        z = plain(data["pred"]).float()
         if z.shape[0] != self.k:
             raise ValueError(f"the network returned {z.shape[0]} channels, expected {self.k} (one per class)")
         label = data["label"]
-        index = class_indices(_plain(label).round(), self.k)
+        index = class_indices(plain(label).round(), self.k)
         out = dict(data)
         out["logits"] = z
         out["prob"] = torch.softmax(z, 0)
@@ -152,14 +147,14 @@ class EvaluationOutputs:
         out["label_onehot"] = onehot  # plain tensor: cheaper for DSC than a MetaTensor
         out["label"] = MetaTensor(onehot, meta=label.meta) if hasattr(label, "meta") else onehot
         out["label_index"] = index.reshape(1, *z.shape[1:]).to(z.device)
-        image = _plain(data["image"]).float().to(z.device) if "image" in data else None
+        image = plain(data["image"]).float().to(z.device) if "image" in data else None
         for name, cal in self.calibrators.items():
             zc = cal.calibrate(z[None], None if image is None else image[None], self.slice_axis)[0]
             out[f"prob_{name}"] = torch.softmax(zc, 0)
             if name not in self.ARGMAX_PRESERVING:
                 out[f"pred_{name}"] = _onehot(zc.max(0).indices, self.k)
         if data.get("probs") is not None:
-            soft = _plain(data["probs"]).float().to(z.device)
+            soft = plain(data["probs"]).float().to(z.device)
             if soft.shape != z.shape:
                 raise ValueError(f"soft labels 'probs' of volume {data.get('id', '?')} have shape "
                                  f"{tuple(soft.shape)}, expected {tuple(z.shape)} (one channel per class)")
@@ -205,7 +200,7 @@ class ConfidenceMapWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from pipeline.report import write_nifti
+        from pipeline.io import write_nifti
 
         batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
         for item, out in zip(batch, engine.state.output):
@@ -222,13 +217,13 @@ class ConfidenceMapWriter:
                     self.notes.append(f"{vid}: the image carries no affine; maps written with the identity")
                 entropy = -(prob * prob.clamp_min(1e-12).log()).sum(0).cpu()
                 for name, vol in (("maxprob", maxprob), ("entropy", entropy)):
-                    self.files.append(write_nifti(vol.numpy(), _plain(affine).cpu().numpy(),
+                    self.files.append(write_nifti(vol.numpy(), plain(affine).cpu().numpy(),
                                                   self.folder / f"{vid}_{name}.nii.gz"))
             if self.count < self.n_slices:
                 label = out["label_index"][0].cpu()
                 fg = (label != 0).sum(dim=[d for d in range(3) if d != self.axis])
                 s = int(fg.argmax())
-                image = _plain(out["image"])[0].cpu() if "image" in out else torch.zeros_like(label, dtype=torch.float)
+                image = plain(out["image"])[0].cpu() if "image" in out else torch.zeros_like(label, dtype=torch.float)
                 self.rows.append({
                     "id": vid, "slice": s,
                     "image": image.select(self.axis, s).numpy(),
@@ -580,7 +575,7 @@ def evaluate_trained(
     """
     from pipeline.analysis import noise_sweep
     from pipeline.data.loading import volume_loader
-    from pipeline.data.sources import write_json_atomic
+    from pipeline.io import write_json_atomic, write_text_atomic
     from pipeline import report
 
     def say(msg: str) -> None:
@@ -679,7 +674,7 @@ def evaluate_trained(
     table = report.results_table(results)
     ptable = report.posthoc_table(results) if calibrators else ""
     ntable = report.noise_table(results["noise"]) if results.get("noise") else ""
-    report.write_text_atomic(run_dir / "results.txt", "\n\n".join(t for t in (table, ptable, ntable) if t) + "\n")
+    write_text_atomic(run_dir / "results.txt", "\n\n".join(t for t in (table, ptable, ntable) if t) + "\n")
     timings["reports_s"] = time.time() - t0
 
     metrics_path = run_dir / "metrics.json"
@@ -699,7 +694,7 @@ def evaluate_trained(
 
     info = {"run_name": run_dir.name, "run_id": getattr(tracker, "run_id", None), **names, "checkpoint": checkpoint,
             "posthoc": posthoc, "timings": timings, "n_bins": n_bins}
-    md = report.write_text_atomic(run_dir / "summary.md", report.summary_markdown(
+    md = write_text_atomic(run_dir / "summary.md", report.summary_markdown(
         info, results, [f.name for f in files] + [f"maps/{f.name}" for f in maps.files]))
 
     if tracker is not None:

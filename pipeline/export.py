@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.config import REPO_ROOT
+from pipeline.io import building_folder
 
 BUNDLES_DIR = REPO_ROOT / "bundles"
 #: the fields this project's bundles fill: a subset of MONAI's model-zoo metadata schema, shipped so that
@@ -289,9 +288,7 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
     metrics_file = run_dir / "metrics.json"
     results = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{name}."))
-    try:
+    with building_folder(dest) as tmp:
         (tmp / "configs").mkdir()
         (tmp / "models").mkdir()
         (tmp / "docs").mkdir()
@@ -300,15 +297,4 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
             json.dumps(metadata(parser, name, results, calibrator), indent=2) + "\n")
         torch.save(network.state_dict(), tmp / "models" / "model.pt")
         (tmp / "docs" / "README.md").write_text(_model_card(name, parser, results, dropped, calibrator, found))
-        if dest.exists():
-            old = dest.with_name(f".{name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.io import save_torch_atomic
+from pipeline.tensors import check_slice_axis, plain
+
 LTS_EPS = 1e-8
 
 
@@ -63,10 +66,6 @@ class SliceSet:
         return SliceSet(*([t.to(device) for t in ts] for ts in (self.logits, self.images, self.labels)))
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
 @torch.no_grad()
 def collect_slices(
     network: nn.Module,
@@ -90,13 +89,12 @@ def collect_slices(
     Raises:
         ValueError: no volume, a volume that is not ``C×X×Y×Z``, or labels of another size than the image.
     """
-    if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+    check_slice_axis(slice_axis)
     device = torch.device(device)
     network.eval()
     blocks = []
     for i, item in enumerate(volumes):
-        image, label = _plain(item["image"]), _plain(item["label"])
+        image, label = plain(item["image"]), plain(item["label"])
         if image.ndim == 5:
             image, label = image[0], label[0]
         if image.ndim != 4:
@@ -149,7 +147,7 @@ class _Calibrator(nn.Module):
 
     def save_calibrator(self, path: str | os.PathLike) -> Path:
         """Write the fitted state to ``path`` (atomically: an existing file is replaced only once complete)."""
-        return _save_atomic(self.calibrator_state(), path)
+        return save_torch_atomic(self.calibrator_state(), path)
 
     @classmethod
     def load_calibrator(cls, network: nn.Module, path: str | os.PathLike):
@@ -391,8 +389,7 @@ class LocalTemperatureScaling(_Calibrator):
         """Calibrated logits of ``B×K×H×W`` slices, or of ``B×K×X×Y×Z`` volumes slice by slice along
         ``slice_axis`` (a spatial axis, 0-2, required for volumes)."""
         if logits.ndim == 5:
-            if slice_axis not in (0, 1, 2):
-                raise ValueError(f"volumes need slice_axis 0, 1 or 2, got {slice_axis}")
+            check_slice_axis(slice_axis)
             return _slicewise(lambda z, x: self.calibrate(z, x), logits, image, slice_axis)
         return logits / self.temperature_map(logits, image).to(logits.dtype)
 
@@ -501,15 +498,6 @@ def _slicewise(fn, volume: torch.Tensor, image: torch.Tensor | None, slice_axis:
 
 # --------------------------------------------------------------------------------------------------------------
 # files
-def _save_atomic(state: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def _load_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io import atomic_path, write_with
+
 
 def _fmt(v: float, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
@@ -62,12 +64,10 @@ def write_per_volume_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def reliability_diagram(curve: dict, path: str | os.PathLike, title: str = "", ece_value: float | None = None) -> Path:
@@ -78,11 +78,7 @@ def reliability_diagram(curve: dict, path: str | os.PathLike, title: str = "", e
         path: the PNG to write.
         title: figure title; the ECE is appended when given.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     edges = np.asarray(curve["edges"])
     centers = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
@@ -123,47 +119,12 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG through a temporary file, close it, return the path."""
+    """Save a matplotlib figure as PNG atomically, close it, return the path."""
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        return write_with(lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), path)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_nifti(volume, affine, path: str | os.PathLike) -> Path:
-    """Write an ``X×Y×Z`` array as float32 NIfTI with ``affine`` (4×4, mm), through a temporary file."""
-    import nibabel as nib
-
-    data = np.asarray(volume, dtype=np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"expected an X×Y×Z volume, got shape {data.shape}")
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"expected a 4×4 affine, got shape {affine.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .nii.gz suffix that selects the format
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file, write_json_atomic
+from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file
+from pipeline.io import write_json_atomic
 
 log = logging.getLogger("pipeline")
 

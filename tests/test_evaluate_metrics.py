@@ -18,6 +18,7 @@ from pipeline.analysis import (
     soft_label_calibration,
 )
 from pipeline.config import CONFIG_DIR
+from pipeline.io import write_nifti
 from pipeline.evaluate import (
     DEFAULT_SETTINGS,
     create_test_evaluator,
@@ -318,12 +319,12 @@ def test_nifti_maps_keep_the_affine(tmp_path):
 
     affine = np.array([[2.0, 0, 0, -10], [0, 2, 0, 5], [0, 0, 3, 1], [0, 0, 0, 1]])
     vol = np.random.rand(4, 5, 6)
-    path = report.write_nifti(vol, affine, tmp_path / "m_maxprob.nii.gz")
+    path = write_nifti(vol, affine, tmp_path / "m_maxprob.nii.gz")
     img = nib.load(path)
     np.testing.assert_allclose(img.affine, affine)
     np.testing.assert_allclose(img.get_fdata(), vol.astype(np.float32))
     with pytest.raises(ValueError, match="expected an X×Y×Z volume"):
-        report.write_nifti(np.zeros((2, 2)), affine, tmp_path / "bad.nii.gz")
+        write_nifti(np.zeros((2, 2)), affine, tmp_path / "bad.nii.gz")
 
 
 # ------------------------------------------------------------------------------------- surface distance

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(HEADER))
     results = run_all(names, sizes, args.batch, args.repeats, args.warmup, args.device)
     if args.json:
-        from pipeline.data.sources import write_json_atomic
+        from pipeline.io import write_json_atomic
 
         write_json_atomic(Path(args.json), {"results": results})
     return 1 if any("error" in r for r in results) else 0

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.io import building_folder
 
 MARKER = ".demo-data.json"
 
@@ -75,24 +75,12 @@ def write_demo_data(
             f"{dest} exists and is not a demo folder written by `make demo-data`; it is left untouched. "
             "Choose another DATA_DIR or remove it yourself."
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with building_folder(dest) as tmp:
         cls.write_demo(tmp, n_cases=n_cases, shape=shape, seed=seed, **options)
         info = {"dataset": dataset, "source": f"{cls.__module__}.{cls.__name__}", "n_cases": n_cases,
                 "shape": None if shape is None else list(shape), "seed": seed, "options": options,
                 "written": time.strftime("%Y-%m-%d %H:%M:%S")}
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old / "x")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

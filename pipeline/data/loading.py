@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,9 @@ import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
 from monai.transforms import Compose, Transform
 from torch.utils.data import Dataset
+
+from pipeline.io import save_torch_atomic
+from pipeline.tensors import check_slice_axis, plain
 
 TRAIN_KEYS = ("image", "label")
 CACHE_MODES = ("memory", "disk", "auto")
@@ -46,8 +48,8 @@ class CheckFinited(Transform):
     def __call__(self, data: dict) -> dict:
         for k in self.keys:
             t = data.get(k)
-            if isinstance(t, torch.Tensor) and not torch.isfinite(_plain(t)).all():
-                n = int((~torch.isfinite(_plain(t))).sum())
+            if isinstance(t, torch.Tensor) and not torch.isfinite(plain(t)).all():
+                n = int((~torch.isfinite(plain(t))).sum())
                 raise ValueError(
                     f"case {data.get('id', '?')}: {n} NaN or infinite value(s) in '{k}' after preprocessing "
                     f"({getattr(data[k], 'meta', {}).get('filename_or_obj', 'file unknown')})"
@@ -64,15 +66,13 @@ class SliceMajord(Transform):
     """
 
     def __init__(self, slice_axis: int = 2) -> None:
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
-        self.dim = slice_axis + 1
+        self.dim = check_slice_axis(slice_axis) + 1
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
         for k, v in data.items():
             if isinstance(v, torch.Tensor) and v.ndim == 4:
-                t = _plain(v).movedim(self.dim, 0).contiguous().movedim(0, self.dim)
+                t = plain(v).movedim(self.dim, 0).contiguous().movedim(0, self.dim)
                 out[k] = MetaTensor(t, meta=v.meta, applied_operations=list(v.applied_operations)) \
                     if isinstance(v, MetaTensor) else t
         return out
@@ -178,8 +178,7 @@ class DiskVolumeCache(Dataset):
         num_workers: int = 0,
         max_open: int = 32,
     ) -> None:
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        check_slice_axis(slice_axis)
         self.cases = list(cases)
         self.transform = transform
         self.cache_dir = Path(cache_dir)
@@ -226,14 +225,7 @@ class DiskVolumeCache(Dataset):
         label = tensors.get("label")
         nonempty = [] if label is None else label.reshape(label.shape[0], -1).amax(1).gt(0).tolist()
         index = {"n_slices": int(next(iter(tensors.values())).shape[0]), "nonempty": nonempty}
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{self.paths[i].name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"tensors": tensors, "meta": meta, "other": other, "index": index}, tmp)
-            os.replace(tmp, self.paths[i])
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_torch_atomic({"tensors": tensors, "meta": meta, "other": other, "index": index}, self.paths[i])
 
     def _load(self, i: int) -> dict:
         if i in self._open:
@@ -307,11 +299,6 @@ def volume_dataset(
     return ds
 
 
-def _plain(t) -> torch.Tensor:
-    """A plain ``torch.Tensor`` view of a tensor, MetaTensor or array (no meta tracking on 2D slices)."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
 class SliceDataset(Dataset):
     """2D slices along ``slice_axis`` of the volumes of a cached volume dataset, with random 2D transforms.
 
@@ -329,10 +316,8 @@ class SliceDataset(Dataset):
     def __init__(
         self, volumes: Dataset, slice_axis: int = 2, transform: Callable | None = None, skip_empty: bool = False
     ) -> None:
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2 (a spatial axis of the volume), got {slice_axis}")
         self.volumes = volumes
-        self.axis = slice_axis + 1  # skip the channel axis
+        self.axis = check_slice_axis(slice_axis) + 1  # skip the channel axis
         self.transform = transform
         self.sliced = isinstance(volumes, DiskVolumeCache) and volumes.slice_axis == slice_axis
         self.index: list[tuple[int, int]] = []
@@ -360,11 +345,11 @@ class SliceDataset(Dataset):
             vid = self.volumes.cases[v].get("id", str(v))
         else:
             vol = self.volumes[v]
-            item = {k: _plain(vol[k]).select(self.axis, s).clone() for k in TRAIN_KEYS}
+            item = {k: plain(vol[k]).select(self.axis, s).clone() for k in TRAIN_KEYS}
             vid = vol.get("id", str(v))
         if self.transform is not None:
             item = self.transform(item)
-        item = {k: _plain(t) for k, t in item.items()}
+        item = {k: plain(t) for k, t in item.items()}
         item["id"] = vid
         item["slice"] = s
         return item

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.sources import SPLITS, DatasetSource, write_json_atomic
+from pipeline.data.sources import SPLITS, DatasetSource
+from pipeline.io import building_folder, write_json_atomic
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 _FORMAT_VERSION = 2
@@ -144,9 +143,7 @@ class MNI152Slabs(DatasetSource):
         if missing:
             raise ValueError(f"the slab layout {layout} has no {missing} slab; change slab, gap or roles")
 
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root.parent, prefix=f".{self.root.name}."))
-        try:
+        with building_folder(self.root) as tmp:
             cases = []
             for i, (s0, s1, role) in enumerate(layout):
                 z0, z1 = z_lo + s0, z_lo + s1
@@ -165,12 +162,6 @@ class MNI152Slabs(DatasetSource):
                     entry[key] = rel
                 cases.append(entry)
             write_json_atomic(tmp / "manifest.json", {"params": p, "cases": cases, "class_names": CLASS_NAMES})
-            if self.root.exists():
-                shutil.rmtree(self.root)
-            os.replace(tmp, self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def cases(self) -> list[dict]:
         self.prepare()

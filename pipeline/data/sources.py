@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -68,21 +67,6 @@ class DatasetSource(ABC):
             f"a small synthetic sample in this layout with: make demo-data DATASET={self.name}"
         )
         return DatasetNotFoundError("\n".join(lines))
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON through a temporary file and a rename, so that a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_split_file(path: str | os.PathLike, cases: list[dict]) -> dict[str, list[str]]:

@@ -11,7 +11,7 @@ import inspect
 
 from torch import nn
 
-from pipeline.losses.base import SegmentationLoss, as_index_labels, check_number, one_hot
+from pipeline.losses.base import SegmentationLoss, as_index_labels, check_number
 from pipeline.losses.ce import CrossEntropy
 from pipeline.losses.ce_dice import CEDice
 from pipeline.losses.ecp import ConfidencePenalty, mean_entropy
@@ -66,7 +66,6 @@ __all__ = [
     "SegmentationLoss",
     "as_index_labels",
     "check_number",
-    "one_hot",
     "CrossEntropy",
     "CEDice",
     "Focal",

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.labels import class_indices
+from pipeline.tensors import class_indices
 
 
 def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -46,16 +46,6 @@ def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             f"{(logits.shape[0], *spatial)} to match logits of shape {tuple(logits.shape)}"
         )
     return class_indices(labels, n_classes)
-
-
-def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``B×spatial`` class indices → ``B×K×spatial`` one-hot tensor with the shape, dtype and device of ``like``.
-
-    >>> one_hot(torch.tensor([[1, 0]]), torch.zeros(1, 2, 2))
-    tensor([[[0., 1.],
-             [1., 0.]]])
-    """
-    return torch.zeros_like(like).scatter_(1, labels.unsqueeze(1), 1.0)
 
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from pipeline.losses.base import SegmentationLoss, one_hot
+from pipeline.tensors import one_hot
+from pipeline.losses.base import SegmentationLoss
 
 
 class CEDice(SegmentationLoss):
@@ -31,7 +32,7 @@ class CEDice(SegmentationLoss):
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits, labels)
-        dice = self.dice(logits, one_hot(labels, logits))
+        dice = self.dice(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))
         self.parts = {"ce": ce.detach(), "dice": dice.detach()}
         return ce + dice
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from monai.losses import FocalLoss as MonaiFocalLoss
 
-from pipeline.losses.base import SegmentationLoss, check_number, one_hot
+from pipeline.tensors import one_hot
+from pipeline.losses.base import SegmentationLoss, check_number
 
 
 class Focal(SegmentationLoss):
@@ -39,5 +40,5 @@ class Focal(SegmentationLoss):
         self.focal = MonaiFocalLoss(include_background=True, use_softmax=True, gamma=self.gamma, reduction="none")
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_class = self.focal(logits, one_hot(labels, logits))  # B×K×spatial, zero except at the true class
+        per_class = self.focal(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))  # B×K×spatial, zero except at the true class
         return per_class.sum(dim=1).mean()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceLoss
 
-from pipeline.losses.base import SegmentationLoss, one_hot
+from pipeline.tensors import one_hot
+from pipeline.losses.base import SegmentationLoss
 from pipeline.losses.mbls import MarginWorkspace, ce_and_margin_penalty, check_margin_alpha
 
 
@@ -39,6 +40,6 @@ class MarginDiceLoss(SegmentationLoss):
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total, ce, penalty = ce_and_margin_penalty(logits, labels, self.margin, self.alpha, "l1", self.workspace)
-        dice = self.dice(logits, one_hot(labels, logits))
+        dice = self.dice(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))
         self.parts = {"ce": ce.detach(), "dice": dice.detach(), "penalty": penalty.detach()}
         return total + dice

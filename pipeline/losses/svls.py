@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.base import SegmentationLoss, check_number, one_hot
+from pipeline.tensors import one_hot
+from pipeline.losses.base import SegmentationLoss, check_number
 
 
 def svls_kernel(spatial_dims: int, kernel_size: int = 3, sigma: float = 1.0) -> torch.Tensor:
@@ -85,7 +86,7 @@ class SpatiallyVaryingLabelSmoothing(SegmentationLoss):
         kernel = (self.kernel2d if spatial_dims == 2 else self.kernel3d).to(logits.dtype)
         weight = kernel.expand(k, 1, *kernel.shape)
         pad = [self.kernel_size // 2] * (2 * spatial_dims)
-        target = F.pad(one_hot(labels, logits), pad, mode="replicate")
+        target = F.pad(one_hot(labels, logits.shape[1], dtype=logits.dtype), pad, mode="replicate")
         conv = F.conv2d if spatial_dims == 2 else F.conv3d
         return conv(target, weight, groups=k)
 

@@ -35,21 +35,21 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from pipeline.labels import class_indices
+from pipeline.tensors import class_indices, plain
 
 NLL_EPS = 1e-12
 
 
-def _as_tensor(x) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    if isinstance(x, torch.Tensor):
-        return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
-    return torch.as_tensor(x)
+def check_inputs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs K×spatial, labels spatial)`` as plain tensors, the labels checked to be class indices of ``probs``.
 
+    Args:
+        probs: ``K×spatial`` probabilities (or logits). labels: ``spatial`` or ``1×spatial`` class indices.
 
-def _check_inputs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    probs, labels = _as_tensor(probs), _as_tensor(labels)
+    Raises:
+        ValueError: labels of another shape, non-integer labels, or labels outside ``[0, K)``.
+    """
+    probs, labels = plain(probs), plain(labels)
     if probs.ndim < 2:
         raise ValueError(f"probs must be K×spatial, got shape {tuple(probs.shape)}")
     n_classes = probs.shape[0]
@@ -178,7 +178,7 @@ def calibration_statistics(probs, labels, n_bins: int = 15, foreground_only: boo
     Raises:
         ValueError: mismatched shapes or labels outside ``[0, K)``.
     """
-    probs, labels = _check_inputs(probs, labels)
+    probs, labels = check_inputs(probs, labels)
     n_classes = probs.shape[0]
     p = probs.reshape(n_classes, -1)
     y = labels.reshape(-1)
@@ -227,7 +227,7 @@ def brier(probs, labels, foreground_only: bool = True) -> float:
     return calibration_statistics(probs, labels, 1, foreground_only).brier()
 
 
-def _index_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+def index_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Integer labels ``1×spatial`` from either integer labels or a one-hot ``K×spatial`` tensor."""
     if y.shape[0] == n_classes and n_classes > 1:
         return y.argmax(0, keepdim=True)
@@ -282,8 +282,8 @@ class CalibrationMetrics(Metric):
     def update(self, output: Sequence) -> None:
         y_pred, y = output[0], output[1]
         for p, t in zip(y_pred, y):
-            p = _as_tensor(p).detach()
-            t = _index_labels(_as_tensor(t).detach(), p.shape[0])
+            p = plain(p).detach()
+            t = index_labels(plain(t).detach(), p.shape[0])
             stats = calibration_statistics(p, t, self.n_bins, self.foreground_only)
             values = torch.tensor([stats.ece(), stats.cece(), stats.nll(), stats.brier()], dtype=torch.float64)
             ok = ~torch.isnan(values)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from pipeline.tensors import plain
+
 
 def mask_edges(masks) -> np.ndarray:
     """Edge voxels of binary masks ``N×spatial`` (any number of spatial dims), as a bool array of the same shape.
@@ -45,10 +47,6 @@ def mask_edges(masks) -> np.ndarray:
             index[d] = slice(lo, hi)
             interior &= padded[tuple(index)]
     return m & ~interior
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def _nearest(tree_points: np.ndarray, query_points: np.ndarray) -> np.ndarray:
@@ -79,8 +77,8 @@ def symmetric_asd(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float
         scale = np.full(spatial, float(scale[0]))
     if scale.size != spatial:
         raise ValueError(f"spacing {list(scale)} does not match the {spatial} spatial dims of the masks")
-    pred = (_plain(y_pred).detach().reshape(b * c, *y_pred.shape[2:]) != 0).cpu().numpy()
-    true = (_plain(y).detach().reshape(b * c, *y.shape[2:]) != 0).cpu().numpy()
+    pred = (plain(y_pred).detach().reshape(b * c, *y_pred.shape[2:]) != 0).cpu().numpy()
+    true = (plain(y).detach().reshape(b * c, *y.shape[2:]) != 0).cpu().numpy()
     edges_pred, edges_true = mask_edges(pred), mask_edges(true)
     has_p = edges_pred.reshape(b * c, -1).any(1)
     has_t = edges_true.reshape(b * c, -1).any(1)
