@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from pipeline.config import apply_overrides
-from pipeline.tensors import class_indices, one_hot, plain
+from pipeline.posthoc import fit_calibrators
 from pipeline.registry import check_name
+from pipeline.tensors import class_indices, nanmean, one_hot, plain
 
 # The defaults of the ``evaluation`` block (configs/base.yaml holds the same values; a test keeps them equal).
 DEFAULT_SETTINGS: dict = {
@@ -315,11 +316,6 @@ def run_engine(engine) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # results
-def _nanmean(values) -> float:
-    arr = np.asarray(values, dtype=float)
-    return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else math.nan
-
-
 def _as_array(details) -> np.ndarray:
     if isinstance(details, torch.Tensor):
         return details.detach().cpu().float().numpy()
@@ -337,16 +333,16 @@ def _method_results(state, class_names: Sequence[str], p: str, seg_p: str,
     sce_pc = np.array([v["sce_per_class"] for v in vols], dtype=float)
     fg = list(class_names[1:])
     seg = list(region_names) if region_names else fg  # DSC/ASD columns: evaluation regions, else the classes
-    per_class = {class_names[0]: {"dsc": math.nan, "asd": math.nan, "ece": math.nan, "sce": _nanmean(sce_pc[:, 0])}}
+    per_class = {class_names[0]: {"dsc": math.nan, "asd": math.nan, "ece": math.nan, "sce": nanmean(sce_pc[:, 0])}}
     for j, name in enumerate(fg):
-        per_class[name] = {"dsc": math.nan, "asd": math.nan, "ece": _nanmean(ece_pc[:, j + 1]),
-                           "sce": _nanmean(sce_pc[:, j + 1])}
+        per_class[name] = {"dsc": math.nan, "asd": math.nan, "ece": nanmean(ece_pc[:, j + 1]),
+                           "sce": nanmean(sce_pc[:, j + 1])}
     for j, name in enumerate(seg):
         per_class.setdefault(name, {"ece": math.nan, "sce": math.nan})
-        per_class[name].update(dsc=_nanmean(dsc[:, j]), asd=_nanmean(asd[:, j]))
+        per_class[name].update(dsc=nanmean(dsc[:, j]), asd=nanmean(asd[:, j]))
     mean = {
-        "dsc": _nanmean([per_class[n]["dsc"] for n in seg]),
-        "asd": _nanmean([per_class[n]["asd"] for n in seg]),
+        "dsc": nanmean([per_class[n]["dsc"] for n in seg]),
+        "asd": nanmean([per_class[n]["asd"] for n in seg]),
         **{k: float(m[f"{p}{k}"]) for k in ("ece", "cece", "nll", "brier", "ece_pooled", "cece_pooled")},
     }
     for k in ("aece", "soft/brier", "soft/kl", "soft/ece"):
@@ -392,8 +388,8 @@ def summarise(evaluator, class_names: Sequence[str], volume_ids: Sequence[str], 
         for method in methods[1:]:
             r = out[method]
             if method not in EvaluationOutputs.ARGMAX_PRESERVING:
-                row[f"{method}_dsc"] = _nanmean(r["dsc"][i])
-                row[f"{method}_asd"] = _nanmean(r["asd"][i])
+                row[f"{method}_dsc"] = nanmean(r["dsc"][i])
+                row[f"{method}_asd"] = nanmean(r["asd"][i])
             row.update({f"{method}_{k}": r["volumes"][i][k] for k in ("ece", "cece", "nll", "brier")})
             if r["extras"]:
                 row.update({f"{method}_{k.replace('/', '_')}": v for k, v in r["extras"][i].items()})
@@ -469,77 +465,6 @@ def _jsonable(obj):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the whole evaluation of a trained network
-@torch.no_grad()
-def validation_ece(slices, calibrator=None) -> float:
-    """The paper's foreground ECE on validation slices (one value per volume's slices, then the mean), of the raw
-    logits or after ``calibrator.calibrate``."""
-    from pipeline.metrics.calibration import calibration_statistics
-
-    values = []
-    for z, x, y in zip(slices.logits, slices.images, slices.labels):
-        if calibrator is not None:
-            dev = next(calibrator.parameters()).device
-            z = calibrator.calibrate(z.to(dev), x.to(dev)).cpu()
-        values.append(calibration_statistics(torch.softmax(z.float(), 1).movedim(1, 0), y).ece())
-    return _nanmean(values)
-
-
-def fit_calibrators(network, val_volumes, settings: dict, num_classes: int, in_channels: int, slice_axis: int,
-                    device, seed: int = 0, folder: Path | None = None, say: Callable = print) -> tuple[dict, dict]:
-    """Fit the post-hoc calibrators of ``settings["posthoc"]`` on the validation volumes; save them in ``folder``.
-
-    Returns:
-        ``({name: fitted wrapper}, {name: fit details})``.
-    """
-    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, collect_slices
-
-    calibrators, info = {}, {}
-    if not settings["posthoc"]:
-        return calibrators, info
-    t0 = time.time()
-    slices = collect_slices(network, val_volumes, slice_axis, device, settings["max_val_slices"], seed)
-    collect_s = time.time() - t0
-    fg_only = bool(settings["fit_foreground_only"])
-    ts = None
-    if "ts" in settings["posthoc"] or settings["lts"]["init"] == "ts":
-        ts = TemperatureScaling(network).to(device)
-        info["ts"] = ts.fit(slices, max_iter=settings["ts"]["max_iter"], foreground_only=fg_only)
-        info["ts"]["seconds"] += collect_s
-        if "ts" in settings["posthoc"]:
-            ts.eval()
-            calibrators["ts"] = ts
-    if "lts" in settings["posthoc"]:
-        cfg = settings["lts"]
-        with torch.random.fork_rng(devices=[]):  # the same initial weights at training's end and in make evaluate
-            torch.manual_seed(seed)
-            tnet = TemperatureNet(num_classes, in_channels if cfg["use_image"] else 0, cfg["hidden"]).to(device)
-        if cfg["init"] == "ts" and ts is not None:
-            tnet.init_constant(ts.temperature)
-        lts = LocalTemperatureScaling(network, tnet)
-        info["lts"] = lts.fit(slices, iterations=cfg["iterations"], lr=float(cfg["lr"]),
-                              batch_slices=cfg["batch_slices"], eval_every=cfg["eval_every"],
-                              foreground_only=fg_only, seed=seed)
-        info["lts"]["init"] = cfg["init"]
-        lts.eval()
-        calibrators["lts"] = lts
-    if "ts" in info and "ts" not in settings["posthoc"]:
-        info.pop("ts")
-    before = validation_ece(slices)
-    for name, cal in calibrators.items():
-        d = info[name]
-        d.update(val_ece_before=before, val_ece_after=validation_ece(slices, cal))
-        extra = f"T = {d['temperature']:.4f}; " if name == "ts" else ""
-        extra += f"best at step {d['best_iteration']} of {d['iterations']}; " if name == "lts" else ""
-        say(f"{name.upper()}: {extra}validation NLL {d['val_nll_before']:.4f} → {d['val_nll_after']:.4f}, "
-            f"validation ECE {d['val_ece_before']:.4f} → {d['val_ece_after']:.4f} ({d['seconds']:.1f} s)")
-    for k in info:
-        info[k]["n_slices"] = slices.n_slices
-    if folder is not None:
-        for name, cal in calibrators.items():
-            info[name]["file"] = str(cal.save_calibrator(Path(folder) / f"{name}.pt"))
-    return calibrators, info
-
-
 def evaluate_trained(
     parser,
     network: torch.nn.Module,
@@ -573,10 +498,10 @@ def evaluate_trained(
     Raises:
         ValueError: no test volume.
     """
+    from pipeline import report
     from pipeline.analysis import noise_sweep
     from pipeline.data.loading import volume_loader
     from pipeline.io import write_json_atomic, write_text_atomic
-    from pipeline import report
 
     def say(msg: str) -> None:
         if not quiet:
@@ -719,102 +644,6 @@ def evaluate_trained(
 
 # ----------------------------------------------------------------------------------------------------------------
 # make evaluate RUN=…
-def _find_checkpoint(run_dir: Path) -> Path:
-    folder = run_dir / "checkpoints"
-    best = sorted(folder.glob("best*.pt"), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    there = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-    raise FileNotFoundError(
-        f"no best checkpoint (best*.pt) in {folder}; found {there or 'nothing'}. Pass a checkpoint file as RUN to "
-        "evaluate other weights.")
-
-
-def _runs_with_dir(client, run_dir: Path) -> list:
-    out = []
-    for exp in client.search_experiments():
-        for value in {str(run_dir), str(run_dir.resolve())}:
-            out += client.search_runs([exp.experiment_id], filter_string=f"params.run_dir = '{value}'")
-    seen, unique = set(), []
-    for r in out:
-        if r.info.run_id not in seen:
-            seen.add(r.info.run_id)
-            unique.append(r)
-    return unique
-
-
-def resolve_run(run: str, uri: str | None = None, runs_root: Path | None = None) -> dict:
-    """Find the run folder, the weights and the MLflow run of ``run`` (an MLflow run id or name, a run folder, or
-    a checkpoint file).
-
-    An MLflow run whose folder is gone is restored from its artifacts (``config.yaml``, ``splits.json``,
-    ``checkpoints/``) into ``runs_root/<run name>``.
-
-    Returns:
-        ``{"run_dir", "checkpoint", "run_id" (None when no MLflow run records the folder), "how"}`` (``how`` says
-        in words what was found).
-
-    Raises:
-        FileNotFoundError: nothing matches ``run``, no config.yaml or no checkpoint.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.config import REPO_ROOT
-    from pipeline.tracking import tracking_uri
-
-    uri = uri or tracking_uri()
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    path = Path(run).expanduser()
-    if path.exists():
-        if path.is_file():
-            checkpoint = path.resolve()
-            run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-        else:
-            run_dir = path.resolve()
-            checkpoint = _find_checkpoint(run_dir)
-        found = _runs_with_dir(client, run_dir)
-        if found:
-            found.sort(key=lambda r: r.info.start_time or 0)
-            return {"run_dir": run_dir, "checkpoint": checkpoint, "run_id": found[-1].info.run_id,
-                    "how": f"MLflow run {found[-1].info.run_id} records the run folder {run_dir}"}
-        return {"run_dir": run_dir, "checkpoint": checkpoint, "run_id": None,
-                "how": f"no MLflow run in {uri} records the run folder {run_dir}"}
-    try:
-        mlrun = client.get_run(str(run))
-    except MlflowException:
-        matches = []
-        for exp in client.search_experiments():
-            matches += client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run}'")
-        if not matches:
-            raise FileNotFoundError(
-                f"RUN '{run}' is neither an existing checkpoint file or run folder nor an MLflow run id or run name "
-                f"in {uri}") from None
-        if len(matches) > 1:
-            raise ValueError(f"{len(matches)} MLflow runs are named '{run}'; pass the run id instead: "
-                             + ", ".join(r.info.run_id for r in matches))
-        mlrun = matches[0]
-    run_id = mlrun.info.run_id
-    recorded = mlrun.data.params.get("run_dir")
-    run_dir = Path(recorded) if recorded else None
-    how = f"MLflow run {run_id}"
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        run_dir = Path(runs_root or REPO_ROOT / "runs") / (mlrun.info.run_name or run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for artifact in ("config.yaml", "splits.json", "checkpoints"):
-            try:
-                client.download_artifacts(run_id, artifact, str(run_dir))
-            except (MlflowException, OSError):
-                pass
-        how += f"; its run folder {recorded} is missing, restored from its artifacts into {run_dir}"
-    return {"run_dir": run_dir, "checkpoint": _find_checkpoint(run_dir), "run_id": run_id, "how": how}
-
-
-def _next_step(client, run_id: str) -> int:
-    history = client.get_metric_history(run_id, "test/dsc")
-    return 1 + max((m.step for m in history), default=-1)
-
-
 def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False,
                  runs_root: str | Path | None = None) -> dict:
     """``make evaluate RUN=…``: rebuild a trained run's network and data from its saved config, load its best
@@ -834,7 +663,8 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
-    from pipeline.train import load_weights, prepare_data
+    from pipeline.data.prepare import prepare_data
+    from pipeline.runs import load_weights, next_step, resolve_run
     from pipeline.tracking import RunTracker, tracking_uri
 
     uri = tracking_uri()
@@ -871,7 +701,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
         found["how"] += f"; created MLflow run {tracker.run_id} ({run_dir.name}-eval)"
         created = True
     client = mlflow.MlflowClient(tracking_uri=uri)
-    step = _next_step(client, tracker.run_id)
+    step = next_step(client, tracker.run_id)
     if not quiet:
         print(found["how"], flush=True)
         print(f"weights: {checkpoint}", flush=True)

@@ -264,8 +264,7 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
     """
     from monai.bundle import ConfigParser
 
-    from pipeline.evaluate import resolve_run
-    from pipeline.train import load_weights
+    from pipeline.runs import load_weights, resolve_run
 
     found = resolve_run(run)
     run_dir = Path(found["run_dir"])

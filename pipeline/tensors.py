@@ -6,6 +6,8 @@ volumes ``X×Y×Z``, 2D slices taken along one of those three axes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -70,3 +72,13 @@ def class_indices(labels: torch.Tensor, n_classes: int, what: str = "classes") -
             raise ValueError(f"labels must lie in [0, {n_classes - 1}] for {n_classes} {what}, got values in "
                              f"[{lo}, {hi}]")
     return labels
+
+
+def nanmean(values) -> float:
+    """The mean of ``values`` skipping NaN; NaN when there is no value (no warning).
+
+    >>> nanmean([1.0, float("nan"), 3.0])
+    2.0
+    """
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else math.nan

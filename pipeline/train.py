@@ -7,99 +7,17 @@ post-hoc calibration, metrics, analyses, reports) → table, files, MLflow.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import torch
-
-from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file
+from pipeline.data.prepare import prepare_data
 from pipeline.io import write_json_atomic
 
 log = logging.getLogger("pipeline")
-
-
-def _preprocess_key(parser) -> str:
-    """A text describing the resolved preprocessing (part of the disk cache's file hashes)."""
-    comps = parser.get_parsed_content("preprocess", instantiate=False)
-    conf = [c.get_config() if hasattr(c, "get_config") else c for c in comps]
-    return json.dumps(conf, sort_keys=True, default=str)
-
-
-def prepare_data(parser) -> dict:
-    """Read, validate and split the dataset of a config; build the cached volume datasets.
-
-    Validation runs on every case before anything is cached or trained. The split is the user's split file when
-    ``split_file`` is set, else the source's deterministic split (seed ``dataset::split_seed`` when the dataset
-    sets one, else ``seed``). The cache is chosen by ``cache`` (``memory``, ``disk`` or ``auto``: memory when the
-    estimated size fits in ``cache_memory_fraction`` of the available memory; see :mod:`pipeline.data.loading`).
-
-    Returns:
-        ``{"dataset": dataset config (parsed), "cases": {split: [case]}, "split": {split: [ids]}, "volumes":
-        {split: cached volume dataset}, "split_origin": "split file <path>" or "dataset (seed n)", "cache":
-        "memory" or "disk", "cache_estimate_bytes": int or None}``.
-
-    Raises:
-        pipeline.data.sources.DatasetNotFoundError: no data where the config points.
-        pipeline.data.sources.InvalidDatasetError: every problem found in the data, one per line.
-    """
-    from pipeline.data.loading import available_memory, choose_cache, estimate_cache_bytes, volume_dataset
-
-    dataset = parser.get_parsed_content("dataset")
-    source = dataset["source"]
-    cases = source.cases()
-    problems = source.validate(cases)
-    if problems:
-        raise InvalidDatasetError(
-            f"{len(problems)} problem(s) in the {parser['dataset_name']} dataset at {source.root}; nothing was "
-            "trained:\n  - " + "\n  - ".join(problems)
-        )
-    split_file = parser.get_parsed_content("split_file")
-    seed = int(parser.get_parsed_content("seed"))
-    split_seed = int(dataset.get("split_seed", seed))
-    if split_file:
-        split, origin = load_split_file(split_file, cases), f"split file {split_file}"
-    else:
-        split, origin = source.split(cases, split_seed), f"dataset (seed {split_seed})"
-    by_id = {c["id"]: c for c in cases}
-    parts = {k: [by_id[i] for i in split.get(k, [])] for k in SPLITS}
-    preprocess = parser.get_parsed_content("preprocess")
-    workers = int(parser.get_parsed_content("num_workers"))
-    mode = str(parser.get("cache", "memory"))
-    estimate = None
-    if mode == "auto":
-        used = [c for part in parts.values() for c in part]
-        estimate = estimate_cache_bytes(used, preprocess)
-        fraction = float(parser.get_parsed_content("cache_memory_fraction")) if "cache_memory_fraction" in parser \
-            else 0.5
-        mode = choose_cache(mode, estimate, available_memory(), fraction)
-        log.info("cache: %s (estimated %.2f GB)", mode, estimate / 1e9)
-    cache_dir = parser.get_parsed_content("cache_dir") if mode == "disk" else None
-    slice_axis = int(dataset.get("slice_axis", 2))
-    key = _preprocess_key(parser) if mode == "disk" else ""
-    volumes = {k: volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
-               for k, v in parts.items() if v}
-    return {"dataset": dataset, "cases": parts, "split": split, "volumes": volumes, "split_origin": origin,
-            "cache": mode, "cache_estimate_bytes": estimate}
-
-
-def _best_checkpoint(saver) -> Path | None:
-    ckpt = getattr(saver, "_key_metric_checkpoint", None)
-    last = getattr(ckpt, "last_checkpoint", None) if ckpt is not None else None
-    return None if last is None else Path(last)
-
-
-def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint written by the trainer (a bare state dict or ``{"network": state dict}``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
-        state = state["network"]
-    network.load_state_dict(state)
 
 
 def run_training(parser, run_name: str | None = None, quiet: bool = False) -> dict:
@@ -117,6 +35,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
     from pipeline.data.loading import train_loader, volume_loader
     from pipeline.engines import create_evaluator, create_trainer
     from pipeline.evaluate import evaluate_trained
+    from pipeline.runs import best_checkpoint, load_weights
     from pipeline.tracking import RunTracker, flatten, git_commit
 
     def value(key: str):
@@ -213,7 +132,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
         raise
     train_s = time.time() - t0
 
-    best = _best_checkpoint(best_saver)
+    best = best_checkpoint(best_saver)
     if best is not None:
         load_weights(network, best)
     training = {"best_val_dsc": float(evaluator.state.best_metric), "best_epoch": int(evaluator.state.best_metric_epoch),

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data.prepare import prepare_data
 from pipeline.data.sources import DatasetNotFoundError
-from pipeline.train import prepare_data, run_training
+from pipeline.train import run_training
 from tests.datasets_helpers import TINY, write_tiny
 from tests.helpers import tiny_unet_overrides
 

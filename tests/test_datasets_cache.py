@@ -5,10 +5,14 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.loading import (
-    DiskVolumeCache, SliceDataset, choose_cache, estimate_cache_bytes, volume_dataset,
+    DiskVolumeCache,
+    SliceDataset,
+    choose_cache,
+    estimate_cache_bytes,
+    volume_dataset,
 )
+from pipeline.data.prepare import prepare_data
 from pipeline.registry import UnknownNameError
-from pipeline.train import prepare_data
 from tests.datasets_helpers import TINY, write_tiny
 
 

@@ -75,7 +75,7 @@ def test_leave_one_out():
 
 def test_a_split_file_overrides_the_dataset_split(tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import prepare_data
+    from pipeline.data.prepare import prepare_data
     from tests.datasets_helpers import TINY, write_tiny
 
     root = write_tiny("hippocampus", tmp_path / "data")

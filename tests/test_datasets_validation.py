@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.data.prepare import prepare_data
 from pipeline.data.sources import InvalidDatasetError
 from pipeline.data.validation import check_case, read_header, unique_values
-from pipeline.train import prepare_data
 from tests.datasets_helpers import TINY, write_tiny
 
 

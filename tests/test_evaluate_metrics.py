@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline import report
 from pipeline.analysis import (
     GaussianNoiseBatch,
     LogitStatistics,
@@ -18,7 +19,6 @@ from pipeline.analysis import (
     soft_label_calibration,
 )
 from pipeline.config import CONFIG_DIR
-from pipeline.io import write_nifti
 from pipeline.evaluate import (
     DEFAULT_SETTINGS,
     create_test_evaluator,
@@ -27,10 +27,10 @@ from pipeline.evaluate import (
     run_engine,
     summarise,
 )
+from pipeline.io import write_nifti
 from pipeline.metrics.calibration import bin_index, calibration_statistics
 from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
 from pipeline.registry import UnknownNameError
-from pipeline import report
 
 
 def random_case(k=4, shape=(6, 5, 4), seed=0):

@@ -70,7 +70,7 @@ def test_bundle_runs_and_matches_the_trained_network(trained):
     parser = ConfigParser()
     parser.read_config(str(trained["out"]["run_dir"] / "config.yaml"))
     from pipeline.engines import SliceBatchInferer
-    from pipeline.train import load_weights
+    from pipeline.runs import load_weights
 
     network = parser.get_parsed_content("network").eval()
     load_weights(network, trained["out"]["best_checkpoint"])

@@ -174,7 +174,7 @@ def run(dataset: str, data_dir: str | None = None, out_dir: str | os.PathLike = 
         result["memory_cache_bytes"] = _tensor_bytes(memory_cache)
         (n, _), result["memory_slices_s"], _ = _best(lambda: _read_slices(memory_cache, axis), repeats)
         result["memory_slices"] = n
-        del memory_cache
+        memory_cache = None  # free the cache before the next phase
 
         dirs = iter(tmp / f"cache{i}" for i in range(repeats))
         _, result["disk_cache_cold_s"], result["disk_cache_peak_bytes"] = _best(
@@ -186,7 +186,7 @@ def run(dataset: str, data_dir: str | None = None, out_dir: str | os.PathLike = 
         (n, _), result["disk_slices_s"], result["disk_slices_peak_bytes"] = _best(
             lambda: _read_slices(disk_cache, axis), repeats)
         result["disk_slices"] = n
-        del disk_cache
+        disk_cache = None
         result["repeats"] = repeats
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

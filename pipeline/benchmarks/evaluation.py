@@ -35,8 +35,7 @@ def _setup(run: str | None):
     from monai.bundle import ConfigParser
 
     from pipeline.config import load_config
-    from pipeline.evaluate import resolve_run
-    from pipeline.train import load_weights
+    from pipeline.runs import load_weights, resolve_run
 
     if run:
         found = resolve_run(run)
@@ -115,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     from monai.inferers import Inferer  # noqa: F401  (imports MONAI before any timing)
 
     from pipeline.data.loading import volume_loader
+    from pipeline.data.prepare import prepare_data
     from pipeline.engines import SliceBatchInferer
-    from pipeline.evaluate import create_test_evaluator, evaluation_settings, fit_calibrators, run_engine
-    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
-    from pipeline.train import prepare_data
+    from pipeline.evaluate import create_test_evaluator, evaluation_settings, run_engine
+    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, fit_calibrators
 
     parser, network, what = _setup(args.run)
     data = prepare_data(parser)

@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-
 import torch.nn.functional as F
 
 from pipeline.losses import LOSSES, SegmentationLoss, build_loss, logit_distances

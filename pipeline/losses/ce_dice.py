@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from pipeline.tensors import one_hot
 from pipeline.losses.base import SegmentationLoss
+from pipeline.tensors import one_hot
 
 
 class CEDice(SegmentationLoss):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from monai.losses import FocalLoss as MonaiFocalLoss
 
-from pipeline.tensors import one_hot
 from pipeline.losses.base import SegmentationLoss, check_number
+from pipeline.tensors import one_hot
 
 
 class Focal(SegmentationLoss):

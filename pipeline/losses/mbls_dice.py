@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceLoss
 
-from pipeline.tensors import one_hot
 from pipeline.losses.base import SegmentationLoss
 from pipeline.losses.mbls import MarginWorkspace, ce_and_margin_penalty, check_margin_alpha
+from pipeline.tensors import one_hot
 
 
 class MarginDiceLoss(SegmentationLoss):

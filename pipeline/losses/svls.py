@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.tensors import one_hot
 from pipeline.losses.base import SegmentationLoss, check_number
+from pipeline.tensors import one_hot
 
 
 def svls_kernel(spatial_dims: int, kernel_size: int = 3, sigma: float = 1.0) -> torch.Tensor:
