@@ -51,7 +51,7 @@ def _print_tables(out: dict, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train import run_training
+    from pipeline.training import run_training
 
     parser = build_parser(args)
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_run
+    from pipeline.evaluation import evaluate_run
 
     out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet)
     _print_tables(out, "Test results:")

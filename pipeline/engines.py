@@ -1,25 +1,31 @@
-"""Ignite engines: MONAI's ``SupervisedTrainer`` on 2D slices and ``SupervisedEvaluator`` on whole 3D volumes.
+"""Ignite engines: MONAI's ``SupervisedTrainer`` on 2D slices, and ONE ``SupervisedEvaluator`` builder on whole 3D
+volumes for validation, test and the noise sweep (so validation DSC and test DSC come from the same code).
 
-The evaluator runs the 2D network slice by slice over each volume (:class:`SliceBatchInferer`), keeps the softmax
-probabilities under ``prob`` for the calibration metrics and turns ``pred``/``label`` into one-hot masks for DSC
-and ASD.
+The evaluator runs the 2D network slice by slice over each volume (:class:`SliceBatchInferer`); its
+postprocessing (:class:`EvaluationOutputs`) turns each volume's logits into everything the metrics read
+(probabilities, one-hot prediction and label, label indices, and the same after each post-hoc calibrator).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import LrScheduleHandler, from_engine
+from monai.handlers import CalibrationError, LrScheduleHandler, from_engine
 from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import Activationsd, AsDiscreted, Compose, CopyItemsd
 
 from pipeline.metrics.calibration import CalibrationMetrics
+from pipeline.metrics.extras import VolumeExtras
+from pipeline.metrics.logits import LogitStatistics
 from pipeline.metrics.segmentation import asd_handler, dice_handler
-from pipeline.tensors import check_slice_axis
+from pipeline.tensors import check_slice_axis, class_indices, one_hot, plain
+
+#: post-hoc calibrators that never change the argmax: their DSC and ASD are those of the uncalibrated network
+ARGMAX_PRESERVING = ("ts",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,18 +52,17 @@ class SliceBatchInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected volumes B×C×X×Y×Z, got shape {tuple(inputs.shape)}")
-        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        x = plain(inputs)
         axis = self.spatial_dim + 2
         b, c = x.shape[:2]
         moved = x.movedim(axis, 1)  # B×S×C×H×W
         n_slices = moved.shape[1]
         flat = moved.reshape(b * n_slices, c, *moved.shape[3:])
-        outs = [network(flat[i : i + self.sw_batch_size], *args, **kwargs) for i in range(0, len(flat), self.sw_batch_size)]
+        outs = [network(flat[i : i + self.sw_batch_size], *args, **kwargs)
+                for i in range(0, len(flat), self.sw_batch_size)]
         out = torch.cat(outs, 0)
         out = out.reshape(b, n_slices, *out.shape[1:]).movedim(1, axis)
         if hasattr(inputs, "meta"):
-            from monai.data import MetaTensor
-
             out = MetaTensor(out, meta=inputs.meta, applied_operations=list(getattr(inputs, "applied_operations", [])))
         return out
 
@@ -131,16 +136,115 @@ def create_trainer(
     return trainer
 
 
-def postprocessing(num_classes: int) -> Compose:
-    """Softmax into ``prob``; one-hot ``pred`` (argmax, ties to the lowest class) and one-hot ``label``."""
-    return Compose(
-        [
-            Activationsd(keys="pred", softmax=True),
-            CopyItemsd(keys="pred", names="prob"),
-            AsDiscreted(keys="pred", argmax=True, to_onehot=num_classes),
-            AsDiscreted(keys="label", to_onehot=num_classes),
-        ]
-    )
+class EvaluationOutputs:
+    """Postprocessing of one volume's output into everything the evaluation metrics read.
+
+    From the logits under ``pred`` (``K×X×Y×Z``) it makes ``logits``, ``prob`` (softmax), ``pred`` (one-hot argmax,
+    ties to the lowest class), ``label`` (one-hot, keeping the label's meta data for the voxel spacing),
+    ``label_onehot`` (the same as a plain tensor), ``label_index`` (``1×X×Y×Z``), and for each calibrator
+    ``prob_<name>`` (and ``pred_<name>`` when the calibrator can change the argmax). Soft reference labels under
+    ``probs`` in the batch, when the dataset has them, are checked and passed on as ``soft``.
+
+    Args:
+        num_classes: ``K``.
+        calibrators: ``{name: module with calibrate(logits, image, slice_axis)}`` (e.g. TS, LTS).
+        slice_axis: the spatial axis the 2D calibrators slice along.
+    """
+
+    def __init__(self, num_classes: int, calibrators: Mapping[str, torch.nn.Module] | None = None,
+                 slice_axis: int = 2) -> None:
+        self.k = num_classes
+        self.calibrators = dict(calibrators or {})
+        self.slice_axis = slice_axis
+
+    def _onehot(self, index: torch.Tensor) -> torch.Tensor:
+        return one_hot(index.reshape(index.shape[-3:] if index.ndim > 3 else index.shape), self.k, dim=0)
+
+    @torch.no_grad()
+    def __call__(self, data: dict) -> dict:
+        z = plain(data["pred"]).float()
+        if z.shape[0] != self.k:
+            raise ValueError(f"the network returned {z.shape[0]} channels, expected {self.k} (one per class)")
+        label = data["label"]
+        index = class_indices(plain(label).round(), self.k)
+        out = dict(data)
+        out["logits"] = z
+        out["prob"] = torch.softmax(z, 0)
+        out["pred"] = self._onehot(z.max(0).indices)  # first maximum: ties to the lowest class
+        onehot = self._onehot(index).to(z.device)
+        out["label_onehot"] = onehot  # plain tensor: cheaper for DSC than a MetaTensor
+        out["label"] = MetaTensor(onehot, meta=label.meta) if hasattr(label, "meta") else onehot
+        out["label_index"] = index.reshape(1, *z.shape[1:]).to(z.device)
+        image = plain(data["image"]).float().to(z.device) if "image" in data else None
+        for name, cal in self.calibrators.items():
+            zc = cal.calibrate(z[None], None if image is None else image[None], self.slice_axis)[0]
+            out[f"prob_{name}"] = torch.softmax(zc, 0)
+            if name not in ARGMAX_PRESERVING:
+                out[f"pred_{name}"] = self._onehot(zc.max(0).indices)
+        if data.get("probs") is not None:
+            soft = plain(data["probs"]).float().to(z.device)
+            if soft.shape != z.shape:
+                raise ValueError(f"soft labels 'probs' of volume {data.get('id', '?')} have shape "
+                                 f"{tuple(soft.shape)}, expected {tuple(z.shape)} (one channel per class)")
+            out["soft"] = soft
+        return out
+
+
+def item_keys(*keys: str, optional: Sequence[str] = ()) -> Callable:
+    """``output_transform`` reading ``keys`` from each decollated item (``None`` for absent optional keys)."""
+
+    def transform(output):
+        items = output if isinstance(output, list) else [output]
+        vals = [[item[k] for item in items] for k in keys]
+        for k in optional:
+            got = [item.get(k) for item in items]
+            vals.append(None if all(g is None for g in got) else got)
+        return tuple(vals)
+
+    return transform
+
+
+def evaluation_metrics(
+    num_classes: int,
+    prefix: str = "val/",
+    methods: Sequence[str] = ("pre",),
+    n_bins: int = 15,
+    regions: Sequence[Sequence[int]] | None = None,
+    surface_distance: bool = False,
+    extras: bool = False,
+    logits: bool = False,
+    monai_calibration_error: bool = False,
+) -> dict:
+    """The Ignite metrics of an evaluation, named ``<prefix>dsc``, ``<prefix>ece``, … (for a post-hoc method ``m``,
+    ``<prefix><m>/ece``, …), reading :class:`EvaluationOutputs`.
+
+    Per method: DSC (and ASD with ``surface_distance``) unless the method keeps the argmax; the paper's
+    ECE/CECE/NLL/Brier (:class:`CalibrationMetrics`); with ``extras`` the adaptive and soft-label measures.
+    For the uncalibrated network only: MONAI's ``CalibrationErrorMetric`` and the logit statistics.
+    ``regions`` (sets of training classes, e.g. BraTS ET/TC/WT) makes DSC and ASD per region.
+    """
+    metrics: dict = {}
+    for method in methods:
+        p = prefix if method == "pre" else f"{prefix}{method}/"
+        prob = "prob" if method == "pre" else f"prob_{method}"
+        pred = "pred" if method == "pre" else f"pred_{method}"
+        if method == "pre" or method not in ARGMAX_PRESERVING:
+            metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label_onehot"]), regions=regions)
+            if surface_distance:
+                metrics[f"{p}asd"] = asd_handler(from_engine([pred, "label"]), regions=regions)
+        metrics[f"{p}calibration"] = CalibrationMetrics(n_bins=n_bins, prefix=p,
+                                                        output_transform=from_engine([prob, "label_index"]))
+        if extras:
+            metrics[f"{p}extras"] = VolumeExtras(n_bins=n_bins, prefix=p,
+                                                 output_transform=item_keys(prob, "label_index", optional=["soft"]))
+    if monai_calibration_error:
+        metrics[f"{prefix}monai_calibration_error"] = CalibrationError(
+            num_bins=n_bins, include_background=False, calibration_reduction="expected", metric_reduction="mean",
+            output_transform=from_engine(["prob", "label_onehot"]), save_details=False)
+    if logits:
+        metrics[f"{prefix}logit_statistics"] = LogitStatistics(
+            num_classes, prefix=prefix, output_transform=from_engine(["logits", "label_index"]))
+    return metrics
 
 
 def create_evaluator(
@@ -150,33 +254,84 @@ def create_evaluator(
     num_classes: int,
     slice_axis: int = 2,
     prefix: str = "val/",
-    surface_distance: bool = False,
-    n_bins: int = 15,
+    calibrators: Mapping[str, torch.nn.Module] | None = None,
+    prepare_batch: Callable | None = None,
     amp: bool = False,
     sw_batch_size: int = 32,
-    regions=None,
+    **metric_options,
 ) -> SupervisedEvaluator:
-    """A ``SupervisedEvaluator`` over whole volumes with DSC (its key metric), ECE/CECE/NLL/Brier and optionally ASD.
+    """A ``SupervisedEvaluator`` over whole volumes, DSC as its key metric: validation, test and noise alike.
 
-    ``regions`` (sets of training classes, e.g. BraTS ET/TC/WT from ``dataset::eval_regions``) makes DSC and ASD
-    per region instead of per class; calibration stays on the training classes.
+    Args:
+        network: the 2D network (``B×C×H×W → B×K×H×W``), run slice by slice along ``slice_axis``.
+        loader: volumes ``{"image": C×X×Y×Z, "label": 1×X×Y×Z, ...}``, one per batch item.
+        calibrators: post-hoc calibrators scored from the same logits (``{"ts": …, "lts": …}``).
+        prepare_batch: a MONAI ``PrepareBatch`` (e.g. Gaussian noise on the images); default image and label.
+        metric_options: :func:`evaluation_metrics` options (``n_bins``, ``regions``, ``surface_distance``,
+            ``extras``, ``logits``, ``monai_calibration_error``).
 
-    Metric names carry ``prefix``: ``<prefix>dsc``, ``<prefix>asd``, ``<prefix>ece``, ``<prefix>cece``, … Per-volume
-    values land in ``engine.state.metric_details`` under ``<prefix>dsc``, ``<prefix>asd`` and
-    ``<prefix>calibration``.
+    Per-volume values land in ``engine.state.metric_details`` under the metric names.
     """
-    seg = from_engine(["pred", "label"])
-    additional = {f"{prefix}calibration": CalibrationMetrics(n_bins=n_bins, prefix=prefix,
-                                                              output_transform=from_engine(["prob", "label"]))}
-    if surface_distance:
-        additional[f"{prefix}asd"] = asd_handler(seg, regions=regions)
+    calibrators = dict(calibrators or {})
+    metrics = evaluation_metrics(num_classes, prefix, ["pre", *calibrators], **metric_options)
+    key = f"{prefix}dsc"
+    extra = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
     return SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
         network=network,
         inferer=SliceBatchInferer(spatial_dim=slice_axis, sw_batch_size=sw_batch_size),
-        postprocessing=postprocessing(num_classes),
-        key_val_metric={f"{prefix}dsc": dice_handler(seg, regions=regions)},
-        additional_metrics=additional,
+        postprocessing=EvaluationOutputs(num_classes, calibrators, slice_axis),
+        key_val_metric={key: metrics.pop(key)},
+        additional_metrics=metrics,
         amp=amp,
+        **extra,
     )
+
+
+def run_engine(engine: Engine, *args) -> None:
+    """``engine.run()``, with a ``ValueError`` raised inside a MONAI transform re-raised as itself (MONAI wraps it in
+    a ``RuntimeError`` "applying transform …" that hides the message naming the bad value)."""
+    try:
+        engine.run(*args)
+    except RuntimeError as e:
+        cause = e
+        while cause.__cause__ is not None and isinstance(cause, RuntimeError) and "applying transform" in str(cause):
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
+class PeriodicValidation:
+    """Ignite handler: run ``evaluator`` after every ``interval``-th training epoch and after the last one, and
+    report one line (training loss, validation DSC/ECE/CECE, best DSC so far).
+
+    Args:
+        evaluator: the validation engine (its metrics named ``<prefix>dsc``, ``<prefix>ece``, ``<prefix>cece``).
+        interval: validate every ``interval`` epochs (at least 1).
+        epochs: the last epoch (always validated).
+        report: called with each line (e.g. ``print``); ``None`` for silence.
+        prefix: the evaluator's metric prefix.
+    """
+
+    def __init__(self, evaluator: SupervisedEvaluator, interval: int, epochs: int,
+                 report: Callable[[str], None] | None = None, prefix: str = "val/") -> None:
+        self.evaluator, self.interval, self.epochs = evaluator, max(1, int(interval)), int(epochs)
+        self.report, self.prefix = report, prefix
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self.due), self)
+
+    def due(self, _engine, epoch: int) -> bool:
+        return epoch % self.interval == 0 or epoch == self.epochs
+
+    def __call__(self, trainer: Engine) -> None:
+        self.evaluator.run(trainer.state.epoch)
+        m, p = self.evaluator.state.metrics, self.prefix
+        line = (f"epoch {trainer.state.epoch}/{self.epochs}: train loss "
+                f"{trainer.state.metrics.get('train/loss', math.nan):.4f} | val DSC {m[f'{p}dsc']:.4f} "
+                f"ECE {m[f'{p}ece']:.4f} CECE {m[f'{p}cece']:.4f} | best DSC {self.evaluator.state.best_metric:.4f} "
+                f"(epoch {self.evaluator.state.best_metric_epoch})")
+        if self.report is not None:
+            self.report(line)

@@ -34,7 +34,7 @@ def _asd_label(results: dict) -> str:
 def results_table(results: dict) -> str:
     """The test table: per foreground class DSC, ASD, ECE and SCE, then the mean row.
 
-    ``results`` is what :func:`pipeline.evaluate.summarise` returns. Per class, ECE is the top-label ECE on the
+    ``results`` is what :func:`pipeline.evaluation.results.summarise` returns. Per class, ECE is the top-label ECE on the
     voxels of that ground-truth class and SCE the classwise calibration error of that class's probability; the mean
     row holds the mean DSC and ASD over foreground classes, the foreground ECE and the CECE (mean SCE over all
     channels, background included), each averaged over test volumes.
@@ -313,7 +313,7 @@ def summary_markdown(info: dict, results: dict, figures: Sequence[str]) -> str:
     Args:
         info: ``run_name``, ``run_id``, ``dataset``, ``loss``, ``backbone``, ``checkpoint``, ``posthoc`` (fit
             details per method), ``timings``.
-        results: from :func:`pipeline.evaluate.evaluate_trained`.
+        results: from :func:`pipeline.evaluation.evaluate_trained`.
         figures: the figure file names.
     """
     lines = [f"# Evaluation of {info.get('run_name', '?')}", ""]

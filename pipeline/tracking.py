@@ -7,11 +7,17 @@ else (params, test metrics, artifacts, status) goes through :class:`RunTracker`.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from monai.handlers import MLFlowHandler
 
 from pipeline.config import REPO_ROOT
 
@@ -58,17 +64,22 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 class RunTracker:
-    """Create and fill one MLflow run.
+    """Create and fill one MLflow run; as a context manager it ends the run it created.
+
+    ``with RunTracker(...) as tracker:`` marks the run FINISHED when the block completes, FAILED when it raises
+    (KILLED on ``KeyboardInterrupt``), so no run is left RUNNING by an error. A run reopened with :meth:`resume`
+    keeps its status (re-evaluating a finished run does not change how its training ended).
 
     Args:
         experiment: the MLflow experiment name (created when missing).
         run_name: the run's display name.
         uri: the tracking URI (default :func:`tracking_uri`).
+        tags: the run's tags.
     """
 
-    def __init__(self, experiment: str, run_name: str, uri: str | None = None, tags: dict | None = None) -> None:
-        import mlflow
+    ends_run = True
 
+    def __init__(self, experiment: str, run_name: str, uri: str | None = None, tags: dict | None = None) -> None:
         self.uri = uri or tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -84,8 +95,6 @@ class RunTracker:
     @classmethod
     def resume(cls, run_id: str, uri: str | None = None) -> RunTracker:
         """Reopen an existing run (e.g. to add evaluation results to it)."""
-        import mlflow
-
         self = cls.__new__(cls)
         self.uri = uri or tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
@@ -93,12 +102,22 @@ class RunTracker:
         self.run_id = run_id
         self.experiment_id = self.run.info.experiment_id
         self.experiment_name = self.client.get_experiment(self.experiment_id).name
+        self.ends_run = False
         return self
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.ends_run:
+            if exc_type is None:
+                self.finish()
+            else:
+                self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False
 
     def engine_handler(self, **kwargs):
         """A MONAI ``MLFlowHandler`` that writes into this run (epoch-level logging by default)."""
-        from monai.handlers import MLFlowHandler
-
         kwargs.setdefault("iteration_log", False)
         kwargs.setdefault("epoch_log", True)
         handler = MLFlowHandler(tracking_uri=self.uri, experiment_name=self.experiment_name, **kwargs)
@@ -106,17 +125,11 @@ class RunTracker:
         return handler
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        import math
-        import time
-
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(str(k), float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]

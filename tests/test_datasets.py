@@ -11,7 +11,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_data
 from pipeline.data.sources import DatasetNotFoundError
-from pipeline.train import run_training
+from pipeline.training import run_training
 from tests.datasets_helpers import TINY, write_tiny
 from tests.helpers import tiny_unet_overrides
 
@@ -68,13 +68,13 @@ def test_reader_preparation_and_split(samples, name):
     assert sorted(i for ids in split.values() for i in ids) == sorted(c["id"] for c in cases)
 
     data = prepare_data(parser)
-    vol = data["volumes"]["train"][0]
+    vol = data.volumes["train"][0]
     k = len(dataset["class_names"])
     assert vol["image"].shape[0] == dataset["in_channels"]
     assert vol["image"].shape[1:] == vol["label"].shape[1:] and vol["label"].shape[0] == 1
     assert 0.0 <= float(vol["image"].min()) and float(vol["image"].max()) <= 1.0 + 1e-6
     labels = set()
-    for part in data["volumes"].values():
+    for part in data.volumes.values():
         for i in range(len(part)):
             labels |= set(torch.unique(part[i]["label"]).int().tolist())
     assert labels <= set(range(k)) and labels == values

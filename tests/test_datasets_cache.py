@@ -97,8 +97,8 @@ def test_auto_cache_goes_to_disk_when_the_data_would_not_fit(hippo, tmp_path):
         "data_dir": parser["data_dir"], "cache": "auto", "cache_memory_fraction": 1e-12,
         "cache_dir": str(tmp_path / "cache"), **TINY["hippocampus"]["over"]})
     data = prepare_data(parser)
-    assert data["cache"] == "disk" and data["cache_estimate_bytes"] > 0
-    assert isinstance(data["volumes"]["train"], DiskVolumeCache)
+    assert data.cache == "disk" and data.cache_estimate_bytes > 0
+    assert isinstance(data.volumes["train"], DiskVolumeCache)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 

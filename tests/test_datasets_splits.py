@@ -84,5 +84,5 @@ def test_a_split_file_overrides_the_dataset_split(tmp_path):
     parser = load_config("hippocampus", overrides={"data_dir": str(root), "split_file": str(f),
                                                    **TINY["hippocampus"]["over"]})
     data = prepare_data(parser)
-    assert data["split"]["test"] == ["hippocampus_001"] and data["split_origin"] == f"split file {f}"
-    assert [c["id"] for c in data["cases"]["train"]] == ["hippocampus_003"]
+    assert data.split["test"] == ["hippocampus_001"] and data.split_origin == f"split file {f}"
+    assert [c["id"] for c in data.cases["train"]] == ["hippocampus_003"]

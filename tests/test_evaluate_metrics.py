@@ -10,25 +10,15 @@ import yaml
 from torch import nn
 
 from pipeline import report
-from pipeline.analysis import (
-    GaussianNoiseBatch,
-    LogitStatistics,
-    adaptive_ece,
-    logit_statistics,
-    noise_sweep,
-    soft_label_calibration,
-)
 from pipeline.config import CONFIG_DIR
-from pipeline.evaluate import (
-    DEFAULT_SETTINGS,
-    create_test_evaluator,
-    evaluation_settings,
-    mlflow_metrics,
-    run_engine,
-    summarise,
-)
+from pipeline.engines import run_engine
+from pipeline.evaluation import create_test_evaluator, default_settings, evaluation_settings
+from pipeline.evaluation.noise import GaussianNoiseBatch, noise_sweep
+from pipeline.evaluation.results import mlflow_metrics, summarise
 from pipeline.io import write_nifti
 from pipeline.metrics.calibration import bin_index, calibration_statistics
+from pipeline.metrics.extras import adaptive_ece, soft_label_calibration
+from pipeline.metrics.logits import LogitStatistics, logit_statistics
 from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
 from pipeline.registry import UnknownNameError
 
@@ -249,15 +239,15 @@ def test_soft_labels_of_the_wrong_shape_are_named():
 
 
 # ------------------------------------------------------------------------------------- settings and names
-def test_default_settings_equal_the_base_config_block():
+def test_default_settings_are_the_base_config_block():
     base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
-    assert base["evaluation"] == DEFAULT_SETTINGS
-    assert evaluation_settings(None) == DEFAULT_SETTINGS
+    assert default_settings() == base["evaluation"]
+    assert evaluation_settings(None) == base["evaluation"]
 
 
 def test_settings_are_checked():
     s = evaluation_settings({"lts": {"iterations": 5}, "noise": {"sigmas": []}})
-    assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == DEFAULT_SETTINGS["lts"]["lr"] and s["noise"]["sigmas"] == []
+    assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == default_settings()["lts"]["lr"] and s["noise"]["sigmas"] == []
     with pytest.raises(UnknownNameError, match="Did you mean 'posthoc'"):
         evaluation_settings({"posthok": []})
     with pytest.raises(UnknownNameError, match="unknown post-hoc method 'tss'"):

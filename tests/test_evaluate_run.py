@@ -14,9 +14,9 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.evaluate import evaluate_run
+from pipeline.evaluation import evaluate_run
 from pipeline.posthoc import LocalTemperatureScaling, TemperatureScaling
-from pipeline.train import run_training
+from pipeline.training import run_training
 from tests.helpers import BLOBS_CONFIG, BlobSource, make_config_dir, tiny_unet_overrides, write_blob_volumes
 
 

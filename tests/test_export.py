@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser, run, verify_metadata, verify_net_in_out
 from pipeline.config import load_config
 from pipeline.export import SCHEMA_FILE, export_bundle, image_preprocessing
 from pipeline.posthoc import TemperatureScaling
-from pipeline.train import run_training
+from pipeline.training import run_training
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 
 

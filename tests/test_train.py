@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.engines import NonFiniteLossError
 from pipeline.runs import load_weights
-from pipeline.train import run_training
+from pipeline.training import run_training
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 
 

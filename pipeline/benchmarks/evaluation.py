@@ -19,6 +19,24 @@ import time
 from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator
+from monai.metrics import CalibrationErrorMetric, DiceMetric
+from monai.transforms import Decollated
+
+from pipeline.config import load_config
+from pipeline.data.loading import volume_loader
+from pipeline.data.prepare import prepare_data
+from pipeline.engines import EvaluationOutputs, SliceBatchInferer, run_engine
+from pipeline.evaluation import create_test_evaluator, evaluate_trained, evaluation_settings
+from pipeline.evaluation.noise import noise_sweep
+from pipeline.metrics.calibration import calibration_statistics
+from pipeline.metrics.extras import adaptive_ece, soft_label_calibration
+from pipeline.metrics.logits import logit_sums
+from pipeline.metrics.segmentation import average_surface_distance, spacing_of
+from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, fit_calibrators
+from pipeline.runs import load_weights, resolve_run
+from pipeline.tensors import plain
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -32,11 +50,6 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _setup(run: str | None):
-    from monai.bundle import ConfigParser
-
-    from pipeline.config import load_config
-    from pipeline.runs import load_weights, resolve_run
-
     if run:
         found = resolve_run(run)
         parser = ConfigParser()
@@ -56,16 +69,6 @@ def _setup(run: str | None):
 
 def _breakdown(network, volumes, inferer, k: int, axis: int, n_bins: int, calibrators: dict, repeats: int) -> dict:
     """Median time (s) of each step of the evaluation of one volume, run alone."""
-    from monai.handlers import CalibrationError  # noqa: F401  (the metric behind it)
-    from monai.metrics import CalibrationErrorMetric, DiceMetric
-    from monai.transforms import Decollated
-
-    from pipeline.analysis import adaptive_ece, logit_sums, soft_label_calibration
-    from pipeline.data.loading import volume_loader
-    from pipeline.evaluate import EvaluationOutputs
-    from pipeline.metrics.calibration import calibration_statistics
-    from pipeline.metrics.segmentation import _spacing_of, average_surface_distance
-
     loader = volume_loader(volumes)
     out: dict[str, float] = {}
     out["load and collate the volume"] = _median_time(lambda: next(iter(loader)), repeats)
@@ -80,7 +83,7 @@ def _breakdown(network, volumes, inferer, k: int, axis: int, n_bins: int, calibr
     out["postprocessing (softmax, one-hot)"] = _median_time(lambda: post(dict(merged)), repeats)
     o = post(dict(merged))
     y = o["label_index"]
-    spacing = _spacing_of(o["label"], o["label"].ndim - 1)
+    spacing = spacing_of(o["label"], o["label"].ndim - 1)
     dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
     monai_ce = CalibrationErrorMetric(n_bins, include_background=False)
     steps = {
@@ -95,7 +98,7 @@ def _breakdown(network, volumes, inferer, k: int, axis: int, n_bins: int, calibr
         steps["soft-label Brier/KL/ECE"] = lambda: soft_label_calibration(o["prob"], o["soft"], y, n_bins)
     for name, fn in steps.items():
         out[name] = _median_time(fn, repeats)
-    image = o["image"].as_tensor()[None] if hasattr(o["image"], "as_tensor") else o["image"][None]
+    image = plain(o["image"])[None]
     for name, cal in calibrators.items():
         with torch.no_grad():
             out[f"{name.upper()} applied to the logits"] = _median_time(
@@ -111,22 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-analyses", action="store_true", help="skip timing the post-hoc fitting, noise, reports")
     args = ap.parse_args(argv)
 
-    from monai.inferers import Inferer  # noqa: F401  (imports MONAI before any timing)
-
-    from pipeline.data.loading import volume_loader
-    from pipeline.data.prepare import prepare_data
-    from pipeline.engines import SliceBatchInferer
-    from pipeline.evaluate import create_test_evaluator, evaluation_settings, run_engine
-    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, fit_calibrators
-
     parser, network, what = _setup(args.run)
     data = prepare_data(parser)
-    dataset = data["dataset"]
-    k, axis = len(dataset["class_names"]), int(dataset["slice_axis"])
+    dataset = data.dataset
+    k, axis = len(data.class_names), data.slice_axis
     n_bins = int(parser.get_parsed_content("n_bins"))
     device = parser.get_parsed_content("device")
     network.to(device)
-    test = data["volumes"]["test"]
+    test = data.volumes["test"]
     one = [test[0]]
     image = one[0]["image"][None].to(device)
     inferer = SliceBatchInferer(spatial_dim=axis)
@@ -153,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                                                          calibrators))
 
     def bare_evaluator():  # the engine alone: load, infer, decollate; no post-processing, no metric
-        from monai.engines import SupervisedEvaluator
-
         return SupervisedEvaluator(device=device, val_data_loader=volume_loader(one), network=network,
                                    inferer=inferer)
 
@@ -183,14 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {name:<44} {1000 * ms:6.2f} ms")
 
     if not args.no_analyses:
-        from pipeline.analysis import noise_sweep
-        from pipeline.evaluate import evaluate_trained
-
         settings = evaluation_settings(parser.get("evaluation") if "evaluation" in parser.get() else None)
-        print(f"extra analyses on all {len(test)} test / {len(data['volumes'].get('val', []))} validation volumes, "
+        print(f"extra analyses on all {len(test)} test / {len(data.volumes.get('val', []))} validation volumes, "
               "default settings (one run each):")
         t0 = time.perf_counter()
-        _, info = fit_calibrators(network, data["volumes"]["val"], settings, k, int(dataset.get("in_channels", 1)),
+        _, info = fit_calibrators(network, data.volumes["val"], settings, k, int(dataset.get("in_channels", 1)),
                                   axis, device, say=lambda _: None)
         t_fit = time.perf_counter() - t0
         for name, d in info.items():

@@ -4,11 +4,48 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from pipeline.data.loading import available_memory, choose_cache, estimate_cache_bytes, volume_dataset
 from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file
 
 log = logging.getLogger("pipeline")
+
+
+@dataclass
+class PreparedData:
+    """The data of a run: the dataset config, the cases and ids of each split, and the cached volume datasets.
+
+    Attributes:
+        dataset: the parsed ``dataset`` block (class names, channels, slice axis, evaluation regions, …).
+        cases: ``{split: [case dict]}`` for ``train``, ``val``, ``test``.
+        split: ``{split: [case ids]}`` (what ``splits.json`` holds).
+        volumes: ``{split: cached volume dataset}`` for the non-empty splits.
+        split_origin: ``"split file <path>"`` or ``"dataset (seed n)"``.
+        cache: ``"memory"`` or ``"disk"``.
+        cache_estimate_bytes: the ``cache: auto`` estimate, or ``None``.
+    """
+
+    dataset: dict
+    cases: dict
+    split: dict
+    volumes: dict
+    split_origin: str
+    cache: str
+    cache_estimate_bytes: int | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset["class_names"])
+
+    @property
+    def slice_axis(self) -> int:
+        return int(self.dataset.get("slice_axis", 2))
+
+    @property
+    def regions(self) -> dict:
+        """The evaluation regions (``{name: [training classes]}``, e.g. BraTS ET/TC/WT); empty for most datasets."""
+        return dict(self.dataset.get("eval_regions") or {})
 
 
 def _preprocess_key(parser) -> str:
@@ -18,7 +55,7 @@ def _preprocess_key(parser) -> str:
     return json.dumps(conf, sort_keys=True, default=str)
 
 
-def prepare_data(parser) -> dict:
+def prepare_data(parser) -> PreparedData:
     """Read, validate and split the dataset of a config; build the cached volume datasets.
 
     Validation runs on every case before anything is cached or trained. The split is the user's split file when
@@ -27,9 +64,7 @@ def prepare_data(parser) -> dict:
     estimated size fits in ``cache_memory_fraction`` of the available memory; see :mod:`pipeline.data.loading`).
 
     Returns:
-        ``{"dataset": dataset config (parsed), "cases": {split: [case]}, "split": {split: [ids]}, "volumes":
-        {split: cached volume dataset}, "split_origin": "split file <path>" or "dataset (seed n)", "cache":
-        "memory" or "disk", "cache_estimate_bytes": int or None}``.
+        a :class:`PreparedData`.
 
     Raises:
         pipeline.data.sources.DatasetNotFoundError: no data where the config points.
@@ -69,5 +104,4 @@ def prepare_data(parser) -> dict:
     key = _preprocess_key(parser) if mode == "disk" else ""
     volumes = {k: volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
                for k, v in parts.items() if v}
-    return {"dataset": dataset, "cases": parts, "split": split, "volumes": volumes, "split_origin": origin,
-            "cache": mode, "cache_estimate_bytes": estimate}
+    return PreparedData(dataset, parts, split, volumes, origin, mode, estimate)

@@ -26,15 +26,14 @@ volumes and processes: :class:`CalibrationStats` is what an Ignite metric accumu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ignite.engine import Engine
-from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from pipeline.metrics.volume import PerVolumeMetric
 from pipeline.tensors import class_indices, plain
 
 NLL_EPS = 1e-12
@@ -234,7 +233,7 @@ def index_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return y
 
 
-class CalibrationMetrics(Metric):
+class CalibrationMetrics(PerVolumeMetric):
     """Ignite metric for ECE, CECE, NLL and Brier on ground-truth foreground voxels, one value per volume.
 
     Each item of a batch is one volume: ``y_pred`` holds probabilities ``B×K×spatial`` (or a list of ``K×spatial``),
@@ -256,6 +255,8 @@ class CalibrationMetrics(Metric):
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``.
     """
 
+    KEYS = ("ece", "cece", "nll", "brier")
+
     def __init__(
         self,
         n_bins: int = 15,
@@ -266,46 +267,28 @@ class CalibrationMetrics(Metric):
     ) -> None:
         self.n_bins = n_bins
         self.foreground_only = foreground_only
-        self.prefix = prefix
-        super().__init__(output_transform=output_transform, device=device, metrics_result_mode="flatten")
+        super().__init__(prefix, output_transform, device)
 
     @reinit__is_reduced
     def reset(self) -> None:
+        super().reset()
         self._shape: list[tuple[int, ...]] | None = None
-        self._sum = torch.zeros(4, dtype=torch.float64, device=self._device)  # ece, cece, nll, brier
-        self._num = torch.zeros(4, dtype=torch.float64, device=self._device)
         self._pooled = torch.zeros(0, dtype=torch.float64, device=self._device)
         self._skipped = torch.zeros((), dtype=torch.float64, device=self._device)
-        self.volumes: list[dict] = []
 
-    @reinit__is_reduced
-    def update(self, output: Sequence) -> None:
-        y_pred, y = output[0], output[1]
-        for p, t in zip(y_pred, y):
-            p = plain(p).detach()
-            t = index_labels(plain(t).detach(), p.shape[0])
-            stats = calibration_statistics(p, t, self.n_bins, self.foreground_only)
-            values = torch.tensor([stats.ece(), stats.cece(), stats.nll(), stats.brier()], dtype=torch.float64)
-            ok = ~torch.isnan(values)
-            self._sum += torch.where(ok, values, torch.zeros_like(values)).to(self._device)
-            self._num += ok.double().to(self._device)
-            if not bool(ok.any()):
-                self._skipped += 1
-            flat = torch.cat([s.reshape(-1).to(self._device) for s in stats.astuple()])
-            self._pooled = flat if self._pooled.numel() == 0 else self._pooled + flat
-            if self._shape is None:
-                self._shape = [tuple(s.shape) for s in stats.astuple()]
-            self.volumes.append(
-                {
-                    "ece": stats.ece(),
-                    "cece": stats.cece(),
-                    "nll": stats.nll(),
-                    "brier": stats.brier(),
-                    "ece_per_class": stats.ece_per_class(),
-                    "sce_per_class": stats.sce_per_class(),
-                    "n_kept": stats.n,
-                }
-            )
+    def volume_row(self, p, t) -> dict:
+        p = plain(p).detach()
+        t = index_labels(plain(t).detach(), p.shape[0])
+        stats = calibration_statistics(p, t, self.n_bins, self.foreground_only)
+        row = {"ece": stats.ece(), "cece": stats.cece(), "nll": stats.nll(), "brier": stats.brier(),
+               "ece_per_class": stats.ece_per_class(), "sce_per_class": stats.sce_per_class(), "n_kept": stats.n}
+        if all(math.isnan(row[k]) for k in self.KEYS):
+            self._skipped += 1
+        flat = torch.cat([s.reshape(-1).to(self._device) for s in stats.astuple()])
+        self._pooled = flat if self._pooled.numel() == 0 else self._pooled + flat
+        if self._shape is None:
+            self._shape = [tuple(s.shape) for s in stats.astuple()]
+        return row
 
     def _unflatten(self, flat: torch.Tensor) -> CalibrationStats:
         parts, start = [], 0
@@ -319,15 +302,11 @@ class CalibrationMetrics(Metric):
     def compute(self) -> dict[str, float]:
         if self._pooled.numel() == 0:
             raise RuntimeError("CalibrationMetrics must have at least one volume before it can be computed")
-        means = torch.where(self._num > 0, self._sum / self._num.clamp_min(1), torch.full_like(self._sum, math.nan))
         pooled = self._unflatten(self._pooled)
-        out = dict(zip(("ece", "cece", "nll", "brier"), (float(v) for v in means)))
+        out = self.means()
         out.update(ece_pooled=pooled.ece(), cece_pooled=pooled.cece(), skipped=float(self._skipped))
         self.pooled_stats = pooled
         return {f"{self.prefix}{k}": v for k, v in out.items()}
 
-    def completed(self, engine: Engine, name: str) -> None:
-        super().completed(engine, name)
-        if not isinstance(getattr(engine.state, "metric_details", None), dict):
-            engine.state.metric_details = {}
-        engine.state.metric_details[name] = {"volumes": list(self.volumes), "pooled": self.pooled_stats}
+    def details(self) -> dict:
+        return {"volumes": list(self.volumes), "pooled": self.pooled_stats}

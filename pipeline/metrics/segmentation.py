@@ -23,14 +23,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric, DiceMetric
 from monai.metrics.utils import do_metric_reduction
 
 from pipeline.metrics.surface import symmetric_asd
+from pipeline.tensors import plain
 
 
-def _spacing_of(y: torch.Tensor, n_spatial: int) -> list[float] | None:
+def spacing_of(y: torch.Tensor, n_spatial: int) -> list[float] | None:
+    """The voxel spacing of a MONAI ``MetaTensor`` (its ``pixdim``), or ``None`` when it carries none."""
     pixdim = getattr(y, "pixdim", None)
     if pixdim is None:
         return None
@@ -54,7 +57,7 @@ def region_masks(onehot: torch.Tensor, regions: Sequence[Sequence[int]]) -> torc
         raise ValueError(f"expected one-hot volumes K×X×Y×Z or B×K×X×Y×Z, got shape {tuple(onehot.shape)}")
     axis = onehot.ndim - 4
     k = onehot.shape[axis]
-    x = onehot.as_tensor() if hasattr(onehot, "as_tensor") else onehot
+    x = plain(onehot)
     channels = []
     for region in regions:
         bad = [c for c in region if not 1 <= int(c) < k]
@@ -65,8 +68,6 @@ def region_masks(onehot: torch.Tensor, regions: Sequence[Sequence[int]]) -> torc
     fg = torch.cat(channels, axis)
     out = torch.cat([1 - fg.amax(axis, keepdim=True), fg], axis)
     if hasattr(onehot, "meta"):
-        from monai.data import MetaTensor
-
         out = MetaTensor(out, meta=onehot.meta)
     return out
 
@@ -91,7 +92,6 @@ def _drop_singleton_axes(y_pred: torch.Tensor, y: torch.Tensor, spacing):
     if len(keep) == len(spatial) or not keep:
         return y_pred, y, spacing
     drop = [i + 2 for i, n in enumerate(spatial) if n == 1]
-    plain = (lambda t: t.as_tensor() if hasattr(t, "as_tensor") else t)
     y_pred, y = plain(y_pred).squeeze(drop), plain(y).squeeze(drop)
     if spacing is not None and not isinstance(spacing, (int, float)):
         spacing = [float(spacing[i]) for i in keep]
@@ -121,7 +121,7 @@ class SurfaceDistanceWithSpacing(CumulativeIterationMetric):
         self.reduction = reduction
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        spacing = kwargs.get("spacing") or _spacing_of(y, y.ndim - 2)
+        spacing = kwargs.get("spacing") or spacing_of(y, y.ndim - 2)
         return average_surface_distance(y_pred.float(), y.float(), spacing, self.include_background)
 
     def aggregate(self, reduction: str | None = None):
