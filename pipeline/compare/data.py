@@ -55,10 +55,11 @@ def check_grid(grid: dict) -> dict:
     """Check the grid description; returns it.
 
     Raises:
+        TypeError: a grid that is not a dict.
         ValueError: a missing key, a method without ``name``/``label``, or a reference/baseline not in the methods.
     """
     if not isinstance(grid, dict):
-        raise ValueError(f"grid must be a dict, got {type(grid).__name__}")
+        raise TypeError(f"grid must be a dict, got {type(grid).__name__}")
     missing = [k for k in GRID_KEYS if k not in grid]
     if missing:
         raise ValueError(f"grid {grid.get('name', '?')!r} lacks {missing}")
@@ -110,11 +111,12 @@ def prepare_runs(runs: pd.DataFrame, grid: dict) -> pd.DataFrame:
     """Check the runs table against the grid and return a sorted copy with a ``label`` column.
 
     Raises:
+        TypeError: runs that are not a DataFrame.
         ValueError: a missing column, a repeated key, an unknown status, method or backbone, a non-integer seed.
     """
     check_grid(grid)
     if not isinstance(runs, pd.DataFrame):
-        raise ValueError(f"runs must be a pandas DataFrame, got {type(runs).__name__}")
+        raise TypeError(f"runs must be a pandas DataFrame, got {type(runs).__name__}")
     missing = [c for c in RUN_COLUMNS if c not in runs.columns]
     if missing:
         raise ValueError(f"runs table lacks the columns {missing} (has {list(runs.columns)})")
@@ -149,11 +151,12 @@ def prepare_volumes(volumes: pd.DataFrame, runs: pd.DataFrame, grid: dict) -> pd
         runs: from :func:`prepare_runs`.
 
     Raises:
+        TypeError: volumes that are not a DataFrame.
         ValueError: a missing ``key``/``id`` or ``dsc_<region>`` column, a key not in the runs, a repeated
             (key, id).
     """
     if not isinstance(volumes, pd.DataFrame):
-        raise ValueError(f"volumes must be a pandas DataFrame, got {type(volumes).__name__}")
+        raise TypeError(f"volumes must be a pandas DataFrame, got {type(volumes).__name__}")
     missing = [c for c in ("key", "id") if c not in volumes.columns]
     if missing:
         raise ValueError(f"volumes table lacks the columns {missing} (has {list(volumes.columns)})")
@@ -231,7 +234,7 @@ def run_accounting(runs: pd.DataFrame, grid: dict) -> dict:
                         missing.append({"backbone": backbone, "method": m["name"],
                                         "setting": setting_label(m.get("hp_name"), value) if value is not None
                                         else "", "seed": int(seed)})
-    return {"expected": expected, "present": int(len(runs)), "finished": by_status["FINISHED"],
+    return {"expected": expected, "present": len(runs), "finished": by_status["FINISHED"],
             "by_status": by_status, "not_finished": not_finished.to_dict("records"), "missing": missing}
 
 

@@ -123,7 +123,7 @@ def noise_figure(series: dict[str, pd.DataFrame], path: str | os.PathLike, title
         ax.set_xlabel("noise σ")
         ax.set_ylabel(f"{name} (mean ± std over seeds)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -160,7 +160,7 @@ def sensitivity_figure(panels: Sequence[dict], path: str | os.PathLike, title: s
             if i == 0:
                 ax.set_title(panel["label"], fontsize=9)
     if any(len(p["lines"]) > 1 for p in panels):
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle((title + " — " if title else "") + "mean ± std over seeds; circled: selected value", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -242,7 +242,7 @@ def logits_figure(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequenc
         ax.set_xlabel("ground-truth class", fontsize=8)
         ax.set_title(label, fontsize=9)
     axes[0][0].set_ylabel("mean logit")
-    axes[0][-1].legend(fontsize=7, ncol=min(k, 3))
+    axes[0][-1].legend(fontsize=7, ncol=min(k, 3), loc="lower right")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

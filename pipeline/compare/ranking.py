@@ -81,4 +81,4 @@ def case_ranks(cases: pd.DataFrame, methods: list[str], metrics: tuple[str, ...]
                                             na_option="bottom")
             out[metric] = ranks.mean(axis=0)
     out["mean"] = out[list(metrics)].mean(axis=1)
-    return out, int(len(complete))
+    return out, len(complete)

@@ -19,8 +19,14 @@ import pandas as pd
 from pipeline.compare import figures
 from pipeline.compare.data import method_labels, noise_levels, prepare_runs, prepare_volumes, run_accounting
 from pipeline.compare.ranking import RANK_METRICS, case_ranks, sum_rank
-from pipeline.compare.selection import (finished_runs, seed_summary, select_settings, selected_runs, setting_scores,
-                                        summary_lookup)
+from pipeline.compare.selection import (
+    finished_runs,
+    seed_summary,
+    select_settings,
+    selected_runs,
+    setting_scores,
+    summary_lookup,
+)
 from pipeline.compare.statistics import N_RESAMPLES, compare_methods, paired_differences
 from pipeline.compare.tables import markdown_table, paper_table, ranking_table, selection_table, statistics_table
 from pipeline.compare.verdict import protocol_line, verdict_paragraph
@@ -80,23 +86,25 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
 
     made, skipped = draw_figures(folder, runs, summary, scores, selection, rankings, grid, extras)
 
+    table2_note = ("ECE and CECE on the ground-truth foreground voxels, 15 bins (paper §5.1.1); NLL and Brier "
+                   "beyond the paper.")
+    marks_note = ("Mean ± std over seeds (ddof 1; one seed: the value alone); **best**, <u>second best</u> per "
+                  "column on the printed mean; `seeds`: finished runs of the configuration.")
+    rank_note = ("Sum-rank: per metric, rank of the mean over seeds (1 = best; ties averaged), summed. "
+                 "Case-specific: for every (seed, test volume) with a finished run of every method, rank the "
+                 "methods per metric, then average over the cases; a missing value ranks last.")
     lines = [f"# Comparison `{grid['name']}` on `{grid['dataset']}`", "",
              verdict_paragraph(comparison, selection, runs, grid), "", protocol_line(runs, grid), "",
              "## Selection (validation DSC per configuration)", "", selection_table(scores, selection, grid), "",
-             "## Table 1: segmentation (test, selected configurations)", "", paper_table("1", summary, selection, grid),
-             "", "## Table 2: calibration (test, selected configurations)", "",
-             "ECE and CECE on the ground-truth foreground voxels, 15 bins (paper §5.1.1); NLL and Brier beyond the "
-             "paper.", "", paper_table("2", summary, selection, grid), "",
+             "## Table 1: segmentation (test, selected configurations)", "",
+             paper_table("1", summary, selection, grid), "",
+             "## Table 2: calibration (test, selected configurations)", "", table2_note, "",
+             paper_table("2", summary, selection, grid), "",
              "## Table 3: post-hoc calibration (pre / TS / LTS)", "", paper_table("3", summary, selection, grid), ""]
     if grid.get("penalties"):
         lines += ["## Table 4: every configuration", "", paper_table("4", summary, selection, grid, scores), ""]
-    lines += ["Mean ± std over seeds (ddof 1; one seed: the value alone); **best**, <u>second best</u> per column on "
-              "the printed mean; `seeds`: finished runs of the configuration.", "",
-              "## Paired statistics (per test volume, matched on seed)", "", statistics_table(comparison, grid), "",
-              "## Rankings (paper Fig. 3)", "",
-              "Sum-rank: per metric, rank of the mean over seeds (1 = best; ties averaged), summed. Case-specific: "
-              "for every (seed, test volume) with a finished run of every method, rank the methods per metric, then "
-              "average over the cases; a missing value ranks last.", "",
+    lines += [marks_note, "", "## Paired statistics (per test volume, matched on seed)", "",
+              statistics_table(comparison, grid), "", "## Rankings (paper Fig. 3)", "", rank_note, "",
               "\n\n".join(rank_md) or "_No finished run._", "", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{caption}]({name})\n" for caption, name in made]
     lines += [f"- {s}" for s in skipped] + ([""] if skipped else [])
@@ -124,9 +132,9 @@ def runs_section(accounting: dict, grid: dict) -> str:
     """Counts of the runs and every run that did not finish or is missing, by method, setting, seed and key."""
     labels = method_labels(grid)
     st = accounting["by_status"]
-    lines = [f"{accounting['expected']} runs expected by the grid, {accounting['present']} present: "
-             f"{st['FINISHED']} finished, {st['FAILED']} failed, {st['RUNNING']} running, {st['KILLED']} killed; "
-             f"{len(accounting['missing'])} missing. Only finished runs enter the tables and statistics."]
+    lines = [(f"{accounting['expected']} runs expected by the grid, {accounting['present']} present: "
+              f"{st['FINISHED']} finished, {st['FAILED']} failed, {st['RUNNING']} running, {st['KILLED']} killed; "
+              f"{len(accounting['missing'])} missing. Only finished runs enter the tables and statistics.")]
     if accounting["not_finished"]:
         lines += ["", "Not finished:", "", markdown_table(
             ["status", "backbone", "method", "setting", "seed", "key"],

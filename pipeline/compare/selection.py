@@ -74,8 +74,9 @@ def selected_runs(runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
-    """The score and test metric columns: ``val/best_dsc`` and every ``test/…`` column, in the runs' order."""
-    return [c for c in runs.columns if c == SELECTION_SCORE or str(c).startswith("test/")]
+    """The score and test metric columns: ``val/best_dsc`` then every ``test/…`` column sorted by name (an order
+    that does not depend on the order of the runs' columns)."""
+    return [SELECTION_SCORE] + sorted(str(c) for c in runs.columns if str(c).startswith("test/"))
 
 
 def seed_summary(runs: pd.DataFrame, grid: dict, metrics: list[str] | None = None) -> pd.DataFrame:
@@ -98,7 +99,7 @@ def seed_summary(runs: pd.DataFrame, grid: dict, metrics: list[str] | None = Non
             v = v[np.isfinite(v)]
             rows.append({"backbone": bb, "method": method, "setting": setting, "order": int(g["order"].min()),
                          "metric": metric, "mean": float(v.mean()) if len(v) else np.nan,
-                         "std": float(v.std(ddof=1)) if len(v) > 1 else np.nan, "n": int(len(v))})
+                         "std": float(v.std(ddof=1)) if len(v) > 1 else np.nan, "n": len(v)})
     cols = ["backbone", "method", "setting", "order", "metric", "mean", "std", "n"]
     return canonical_sort(pd.DataFrame(rows, columns=cols), grid)
 

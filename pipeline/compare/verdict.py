@@ -90,12 +90,17 @@ def verdict_paragraph(comparison: pd.DataFrame, selection: pd.DataFrame, runs: p
 
 
 def epochs_text(runs: pd.DataFrame, grid: dict) -> str:
-    """``"100 epochs"``, with ``"(overridden from the grid's 100)"`` when the runs' epochs are not the grid's."""
+    """``"100 epochs"``, with ``"(overridden from the grid's 100)"`` when the runs' epochs are not the grid file's
+    (``grid["epochs"]``) or ``grid["epochs_overridden"]`` is set; runs with different epochs are all named."""
     values = sorted({int(e) for e in runs["epochs"]}) if len(runs) else []
     text = (f"{values[0]} epochs" if len(values) == 1 else
             f"epochs {', '.join(str(v) for v in values)} (runs differ)" if values else "no run")
     grid_epochs = grid.get("epochs")
-    if grid_epochs is not None and (grid.get("epochs_overridden") or values != [int(grid_epochs)]):
+    if grid_epochs is None:
+        return text
+    if len(values) > 1:
+        text += f" (the grid's: {grid_epochs})"
+    elif grid.get("epochs_overridden") or values != [int(grid_epochs)]:
         text += f" (overridden from the grid's {grid_epochs})"
     return text
 
