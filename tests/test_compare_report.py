@@ -53,6 +53,7 @@ def test_every_file_is_written_and_linked(report):
     for name in FIGURES:
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in md
+    assert not (folder / "fig7_backbones.png").exists()  # one backbone: no Fig. 7
     assert md.splitlines()[2].startswith("**Verdict**")
     assert md.splitlines()[4].startswith("**Protocol.**") and "2 epochs" in md.splitlines()[4]
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Paired statistics", "Rankings", "## Runs"):
@@ -133,9 +134,10 @@ def test_two_backbones_without_extras_say_which_figures_are_skipped(tmp_path):
     md = write_report(tmp_path, runs, vols, grid).read_text()
     assert "**Backbone `attunet`**" in md and "**Backbone `unet`**" in md
     for name in ("fig2_radar_unet.png", "fig2_radar_attunet.png", "fig3_ranking_attunet.png",
-                 "fig6_sensitivity.png"):
+                 "fig6_sensitivity.png", "fig7_backbones.png"):
         assert (tmp_path / name).is_file()
     assert not (tmp_path / "fig4_logits_unet.png").exists()
+    assert md.index("fig6_sensitivity.png") < md.index("fig7_backbones.png")  # figures in the paper's order
     assert "Fig. 4 — `unet`: needs the mean logits" in md
     assert "Fig. 8 — `attunet`: no confidence map given" in md
     assert "Table 4" not in md
@@ -156,3 +158,16 @@ def test_verdict_states_a_clear_effect_and_no_detectable_difference():
     assert dsc["ci_low"] < 0 < dsc["ci_high"]  # no DSC effect was built in
     assert "no detectable difference in DSC" in text
     assert "30 pairs, 3 seeds" in text and "seeds 0, 1, 2" in text and "augmentation: none" in text
+
+
+def test_a_comparison_where_nothing_finished_still_reports_every_run(tmp_path):
+    grid = make_grid()
+    runs, vols = make_data(grid)
+    runs["status"] = "FAILED"
+    md = write_report(tmp_path, runs, vols.iloc[0:0][["key", "id"]], grid).read_text()
+    assert "Backbone `unet`: no verdict, MbLS has no finished run." in md
+    assert "Holm" not in md.split("**Protocol.**")[0]
+    assert "0 finished, 8 failed" in md
+    assert all(f"`{k}`" in md for k in runs["key"])
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "summary.json").read_text())["selection"] == []

@@ -181,7 +181,7 @@ def prepare_volumes(volumes: pd.DataFrame, runs: pd.DataFrame, grid: dict) -> pd
     df = df.drop(columns=[c for c in info.columns if c in df.columns]).join(info, on="key")
     df = canonical_sort(df, grid, extra=("id",))
     head = ["key", "backbone", "method", "setting", "order", "seed", "status", "id", "dsc", "asd"]
-    known = dsc_cols + [c for c in asd_cols if c in df.columns]
+    known = [c for c in dsc_cols + asd_cols if c in df.columns]
     rest = sorted(c for c in df.columns if c not in head and c not in known)
     return df[head + known + rest]
 

@@ -1,6 +1,6 @@
 """Figures of a comparison (PNG through :func:`pipeline.report.save_figure`, written atomically): radar plot
 (paper Fig. 2), ranking heat map (Fig. 3), mean logits (Fig. 4), noise robustness (Fig. 5), hyperparameter
-sensitivity (Fig. 6) and pooled reliability diagrams (Fig. 8). Each function takes plain numbers; the report
+sensitivity (Fig. 6), backbones (Fig. 7) and pooled reliability diagrams (Fig. 8). Each function takes plain numbers; the report
 gathers them.
 """
 
@@ -162,6 +162,38 @@ def sensitivity_figure(panels: Sequence[dict], path: str | os.PathLike, title: s
     if any(len(p["lines"]) > 1 for p in panels):
         axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle((title + " — " if title else "") + "mean ± std over seeds; circled: selected value", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def backbone_figure(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    """Paper Fig. 7: DSC, ECE and CECE of the selected models on every backbone, bars grouped by backbone, one bar
+    per method, the seed std as error bars.
+
+    Args:
+        table: one row per (backbone, method label) with ``backbone``, ``label`` and ``<metric>_mean``,
+            ``<metric>_std`` for ``dsc``, ``ece``, ``cece``; rows in plotting order.
+    """
+    if table.empty:
+        raise ValueError("no backbone to plot")
+    plt = pyplot()
+    backbones = list(dict.fromkeys(table["backbone"]))
+    methods = list(dict.fromkeys(table["label"]))
+    width = 0.8 / len(methods)
+    x = np.arange(len(backbones))
+    fig, axes = plt.subplots(1, 3, figsize=(3.3 * 3 + 0.3 * len(backbones), 3.4))
+    for ax, m in zip(axes, ("dsc", "ece", "cece")):
+        for i, label in enumerate(methods):
+            part = table[table["label"] == label].set_index("backbone").reindex(backbones)
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, part[f"{m}_mean"].to_numpy(dtype=float), width=width,
+                   yerr=np.nan_to_num(part[f"{m}_std"].to_numpy(dtype=float)), capsize=2, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels(backbones, fontsize=8, rotation=20)
+        ax.set_ylabel(f"{m.upper()} (mean ± std over seeds)", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -241,6 +241,14 @@ def draw_figures(folder: Path, runs: pd.DataFrame, summary: pd.DataFrame, scores
         else:
             skipped.append(f"Fig. 8{on}: no confidence map given")
 
+    if multi:
+        rows = [{"backbone": r.backbone, "label": labels[r.method],
+                 **{f"{k}_{x}": look.get((r.backbone, r.method, r.setting, f"test/{k}"), (math.nan,) * 3)[i]
+                    for k in ("dsc", "ece", "cece") for i, x in enumerate(("mean", "std"))}}
+                for r in selection.itertuples()]
+        if rows:
+            figures.backbone_figure(pd.DataFrame(rows), folder / "fig7_backbones.png")
+            made.append(("Fig. 7: the selected models on every backbone", "fig7_backbones.png"))
     panels = sensitivity_panels(scores, summary, selection, grid)
     if panels:
         figures.sensitivity_figure(panels, folder / "fig6_sensitivity.png")

@@ -86,7 +86,7 @@ def verdict_paragraph(comparison: pd.DataFrame, selection: pd.DataFrame, runs: p
             f"excludes 0. Pairs of one seed share a trained model, so these intervals and p-values treat dependent "
             f"pairs as independent and are optimistic; 'seeds better' in the statistics table counts the seeds "
             f"whose own mean difference favours {ref}.")
-    return " ".join([head] + sentences + [tail])
+    return " ".join([head] + sentences + ([tail] if n_tests else []))
 
 
 def epochs_text(runs: pd.DataFrame, grid: dict) -> str:
