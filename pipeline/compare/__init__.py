@@ -10,6 +10,7 @@ validation score and test metrics), a table of per-volume test metrics and the g
   other method, bootstrap intervals, Wilcoxon signed-rank tests, Holm's correction;
 - :mod:`pipeline.compare.ranking`: sum-rank and mean of case-specific ranks (paper Fig. 3);
 - :mod:`pipeline.compare.tables` and :mod:`pipeline.compare.figures`: the markdown tables and the PNG figures;
+- :mod:`pipeline.compare.verdict`: the verdict paragraph generated from the statistics, and the protocol line;
 - :mod:`pipeline.compare.report`: :func:`write_report`, the whole report folder.
 """
 
