@@ -107,6 +107,30 @@ def reliability_diagram(curve: dict, path: str | os.PathLike, title: str = "", e
     return save_figure(fig, path)
 
 
+def draw_reliability(ax, curve: dict, fontsize: int = 8) -> None:
+    """Draw one reliability diagram on the matplotlib axes ``ax``: accuracy bars of the filled bins, the gap to
+    their mean confidence shaded, and the diagonal (for figures with several diagrams side by side).
+
+    Args:
+        curve: ``edges`` (n_bins + 1), ``count``, ``confidence``, ``accuracy`` (n_bins each; NaN for empty bins).
+    """
+    edges = np.asarray(curve["edges"], dtype=float)
+    centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    filled = np.asarray(curve["count"], dtype=float) > 0
+    acc = np.nan_to_num(np.asarray(curve["accuracy"], dtype=float))
+    conf = np.nan_to_num(np.asarray(curve["confidence"], dtype=float))
+    ax.bar(centers[filled], acc[filled], width=width, edgecolor="black", color="#3b75af", lw=0.5)
+    lo, hi = np.minimum(acc, conf)[filled], np.maximum(acc, conf)[filled]
+    ax.bar(centers[filled], hi - lo, bottom=lo, width=width, color="#d62728", alpha=0.35, hatch="//",
+           edgecolor="#d62728", lw=0.5)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.tick_params(labelsize=fontsize - 1)
+    ax.set_xlabel("confidence", fontsize=fontsize)
+    ax.set_ylabel("accuracy", fontsize=fontsize)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # files
 def _pyplot():
