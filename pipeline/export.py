@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import REPO_ROOT
 from pipeline.io import building_folder
+from pipeline.runs import load_weights, resolve_run
 
 BUNDLES_DIR = REPO_ROOT / "bundles"
 #: the fields this project's bundles fill: a subset of MONAI's model-zoo metadata schema, shipped so that
@@ -264,7 +265,6 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
     """
     from monai.bundle import ConfigParser
 
-    from pipeline.runs import load_weights, resolve_run
 
     found = resolve_run(run)
     run_dir = Path(found["run_dir"])

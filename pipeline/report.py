@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.io import atomic_path, write_with
+from pipeline.metrics.calibration import bin_edges
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -34,8 +35,8 @@ def _asd_label(results: dict) -> str:
 def results_table(results: dict) -> str:
     """The test table: per foreground class DSC, ASD, ECE and SCE, then the mean row.
 
-    ``results`` is what :func:`pipeline.evaluation.results.summarise` returns. Per class, ECE is the top-label ECE on the
-    voxels of that ground-truth class and SCE the classwise calibration error of that class's probability; the mean
+    ``results`` is what :func:`pipeline.evaluation.results.summarise` returns. Per class, ECE is the top-label ECE on
+    the voxels of that ground-truth class and SCE the classwise calibration error of that class's probability; the mean
     row holds the mean DSC and ASD over foreground classes, the foreground ECE and the CECE (mean SCE over all
     channels, background included), each averaged over test volumes.
     """
@@ -156,8 +157,6 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 def class_reliability(stats, j: int) -> dict[str, np.ndarray]:
     """Top-label reliability curve of the kept voxels of ground-truth class ``j``, from
     ``pipeline.metrics.calibration.CalibrationStats`` (the same bins as the ECE)."""
-    from pipeline.metrics.calibration import bin_edges
-
     top = stats.top[j].cpu().numpy()
     count = top[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):

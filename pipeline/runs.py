@@ -99,7 +99,7 @@ def resolve_run(run: str, uri: str | None = None, runs_root: Path | None = None)
                 f"in {uri}") from None
         if len(matches) > 1:
             raise ValueError(f"{len(matches)} MLflow runs are named '{run}'; pass the run id instead: "
-                             + ", ".join(r.info.run_id for r in matches))
+                             + ", ".join(r.info.run_id for r in matches)) from None
         mlrun = matches[0]
     run_id = mlrun.info.run_id
     recorded = mlrun.data.params.get("run_dir")

@@ -132,7 +132,8 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
 
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        items = [Metric(str(k), float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import pipeline.config
+import pipeline.data.demo
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.demo import MARKER, source_class, write_demo_data
@@ -24,7 +24,7 @@ def test_default_demo_size_fills_every_split(name):
 
 
 def test_default_folder_marker_and_replacement(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.config, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(pipeline.data.demo, "REPO_ROOT", tmp_path)
     dest = write_demo_data("hippocampus", n_cases=3, shape=(8, 8, 8))
     assert dest == tmp_path / "data" / "demo" / "hippocampus"
     info = json.loads((dest / MARKER).read_text())

@@ -247,7 +247,8 @@ def test_default_settings_are_the_base_config_block():
 
 def test_settings_are_checked():
     s = evaluation_settings({"lts": {"iterations": 5}, "noise": {"sigmas": []}})
-    assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == default_settings()["lts"]["lr"] and s["noise"]["sigmas"] == []
+    assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == default_settings()["lts"]["lr"]
+    assert s["noise"]["sigmas"] == []
     with pytest.raises(UnknownNameError, match="Did you mean 'posthoc'"):
         evaluation_settings({"posthok": []})
     with pytest.raises(UnknownNameError, match="unknown post-hoc method 'tss'"):

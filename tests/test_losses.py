@@ -411,8 +411,8 @@ def test_svls_rejects_1d_inputs():
 
 
 def test_docstring_examples():
-    modules = [pipeline.losses] + [getattr(pipeline.losses, m) for m in
-                                   ("base", "ce", "ce_dice", "ecp", "focal", "ls", "svls", "mbls", "mbls_l2", "mbls_dice")]
+    names = ("base", "ce", "ce_dice", "ecp", "focal", "ls", "svls", "mbls", "mbls_l2", "mbls_dice")
+    modules = [pipeline.losses] + [getattr(pipeline.losses, m) for m in names]
     for module in modules:
         result = doctest.testmod(module, extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -48,7 +48,8 @@ def _parser(argv):
 def test_loss_args_override_the_parameters():
     loss = _parser(["--loss", "focal", "--loss-args", "gamma=2"]).get_parsed_content("loss")
     assert loss.gamma == 2.0
-    loss = _parser(["--loss", "mbls_l2", "--loss-args", "margin=8, alpha=0.2,one_sided=false"]).get_parsed_content("loss")
+    loss = _parser(["--loss", "mbls_l2", "--loss-args", "margin=8, alpha=0.2,one_sided=false"])
+    loss = loss.get_parsed_content("loss")
     assert (loss.margin, loss.alpha, loss.one_sided, loss.penalty) == (8.0, 0.2, False, "l2_two_sided")
     loss = _parser(["--loss", "svls", "--set", "loss::sigma=0.5"]).get_parsed_content("loss")
     assert loss.sigma == 0.5
@@ -57,7 +58,8 @@ def test_loss_args_override_the_parameters():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--loss", "focal", "--loss-args", "gama=2"], "error: loss 'focal' has no parameter 'gama'; its parameters are: gamma"),
+        (["--loss", "focal", "--loss-args", "gama=2"],
+         "error: loss 'focal' has no parameter 'gama'; its parameters are: gamma"),
         (["--loss", "mbls", "--loss-args", "margin=-3"], "error: margin must be a number >= 0, got -3"),
         (["--loss", "mbls", "--loss-args", "margin"], "error: expected KEY=VALUE, got 'margin'"),
         (["--loss", "focl"], "error: unknown loss 'focl'. Did you mean 'focal'?"),

@@ -86,7 +86,8 @@ def test_ts_bad_inputs(tmp_path):
     empty = SliceSet([torch.zeros(1, 2, 3, 3)], [torch.zeros(1, 1, 3, 3)], [torch.zeros(1, 3, 3, dtype=torch.long)])
     with pytest.raises(ValueError, match="no validation voxel"):
         TemperatureScaling(nn.Identity()).fit(empty, foreground_only=True)
-    nan = SliceSet([torch.full((1, 2, 3, 3), math.nan)], [torch.zeros(1, 1, 3, 3)], [torch.ones(1, 3, 3, dtype=torch.long)])
+    nan = SliceSet([torch.full((1, 2, 3, 3), math.nan)], [torch.zeros(1, 1, 3, 3)],
+                   [torch.ones(1, 3, 3, dtype=torch.long)])
     with pytest.raises(ValueError, match="NaN or infinite"):
         TemperatureScaling(nn.Identity()).fit(nan)
 

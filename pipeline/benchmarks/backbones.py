@@ -36,9 +36,14 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, available
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import REPO_ROOT, available, load_config
+from pipeline.io import write_json_atomic
 
 DEFAULT_SIZES = ("80x96", "224x224")
 
@@ -54,10 +59,7 @@ def measure(backbone: str, size: tuple[int, int], batch: int, repeats: int, warm
     Returns:
         ``{"backbone", "size", "params", "step_ms", "step_ms_all", "peak_mib", "delta_mib", "memory", "threads"}``.
     """
-    import torch
-    import torch.nn.functional as F
 
-    from pipeline.config import load_config
 
     parser = load_config(dataset="mni", loss="ce", backbone=backbone)
     in_channels = int(parser.get_parsed_content("in_channels"))
@@ -149,7 +151,7 @@ def compare_runs(prefix: str, backbones: list[str], runs_dir: Path) -> str:
     Raises:
         FileNotFoundError: no backbone has both runs.
     """
-    head = "| backbone | " + " | ".join(f"{m.upper()} {l}" for m in COMPARED for l in ("CE", "MbLS")) + " |"
+    head = "| backbone | " + " | ".join(f"{m.upper()} {loss}" for m in COMPARED for loss in ("CE", "MbLS")) + " |"
     rows = [head, "|---" * (1 + 2 * len(COMPARED)) + "|"]
     for name in backbones:
         files = [runs_dir / f"{prefix}-{name}-{loss}" / "metrics.json" for loss in LOSSES]
@@ -186,14 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(compare_runs(args.compare_runs, names, Path(args.runs_dir)))
         return 0
     if args.worker:
-        import warnings
-
         warnings.filterwarnings("ignore")
         r = measure(names[0], _parse_size(sizes[0]), args.batch, args.repeats, args.warmup, args.device)
         print(json.dumps(r))
         return 0
-
-    import torch
 
     print(f"Backbone benchmark: batch {args.batch}, 1 channel, 4 classes (default dataset), training mode, "
           f"forward + cross-entropy + backward; median of {args.repeats} steps after {args.warmup} warm-up.")
@@ -207,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(HEADER))
     results = run_all(names, sizes, args.batch, args.repeats, args.warmup, args.device)
     if args.json:
-        from pipeline.io import write_json_atomic
-
         write_json_atomic(Path(args.json), {"results": results})
     return 1 if any("error" in r for r in results) else 0
 

@@ -12,9 +12,9 @@ this process, one phase after the other:
 4. **slices**: reading every training slice once (no augmentation) from each cache.
 
 Each phase runs ``--repeats`` times (default 3): times are the shortest, peak memory the largest, which keeps
-timings steadier on a shared machine. Each figure is also given per GB of input, the input being the dataset's files as stored (compressed NIfTI/PNG) and,
-in brackets, per GB of uncompressed voxel data. Results are printed and written to
-``bench/data-<dataset>.json``. Timings depend on the machine and on anything else running on it.
+timings steadier on a shared machine. Each figure is also given per GB of input, the input being the dataset's files
+as stored (compressed NIfTI/PNG) and, in brackets, per GB of uncompressed voxel data. Results are printed and written
+to ``bench/data-<dataset>.json``. Timings depend on the machine and on anything else running on it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,17 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.demo import write_demo_data
+from pipeline.data.loading import SliceDataset, volume_dataset
+from pipeline.data.validation import is_nifti, mhd_geometry, read_header
 
 
 def _rss() -> int:
@@ -53,7 +61,7 @@ class PeakMemory:
         self.interval = interval
         self.peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.base = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -81,19 +89,13 @@ def _files(cases: list[dict]) -> list[str]:
 
 
 def _uncompressed_bytes(paths: list[str]) -> int:
-    from pipeline.data.validation import is_nifti, read_header
-
     total = 0
     for p in paths:
         h = read_header(p)
         if is_nifti(p):
-            import nibabel as nib
-
             itemsize = np.dtype(nib.load(p).header.get_data_dtype()).itemsize
         elif p.lower().endswith(".mhd"):
-            from pipeline.data.validation import _mhd_geometry
-
-            itemsize = _mhd_geometry(Path(p))[3].itemsize
+            itemsize = mhd_geometry(Path(p))[3].itemsize
         else:
             itemsize = 1
         total += int(np.prod(h.shape)) * h.channels * itemsize
@@ -101,7 +103,6 @@ def _uncompressed_bytes(paths: list[str]) -> int:
 
 
 def _tensor_bytes(dataset) -> int:
-    import torch
 
     total = 0
     for i in range(len(dataset)):
@@ -110,7 +111,6 @@ def _tensor_bytes(dataset) -> int:
 
 
 def _read_slices(volumes, slice_axis: int) -> tuple[int, float]:
-    from pipeline.data.loading import SliceDataset
 
     slices = SliceDataset(volumes, slice_axis)
     t0 = time.perf_counter()
@@ -137,13 +137,8 @@ def _best(fn, repeats: int):
 def run(dataset: str, data_dir: str | None = None, out_dir: str | os.PathLike = "bench", repeats: int = 3) -> dict:
     """Measure one dataset (see the module docstring); returns the figures (times: the best of ``repeats`` runs;
     peak memory: the largest)."""
-    import warnings
 
     warnings.filterwarnings("ignore")
-    from pipeline.config import load_config
-    from pipeline.data.demo import write_demo_data
-    from pipeline.data.loading import volume_dataset
-
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-data-{dataset}-"))
     try:
         result: dict = {"dataset": dataset}

@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device}, torch threads {torch.get_num_threads()}, one test volume {one[0].get('id', '?')} "
           f"({shape} voxels), median of {args.repeats} runs")
     print(f"  network over the volume (slice by slice)           {1000 * t_net:8.1f} ms")
-    print(f"  MONAI evaluator alone (no post-processing, metric) {1000 * t_bare:8.1f} ms  ({t_bare / t_net:.2f}× network)")
-    print(f"  evaluation of the volume, pre only                 {1000 * t_pre:8.1f} ms  ({t_pre / t_net:.2f}× network)")
-    print(f"  evaluation of the volume, pre + TS + LTS (default) {1000 * t_all:8.1f} ms  ({t_all / t_net:.2f}× network)")
+    for name, t in (("MONAI evaluator alone (no post-processing, metric)", t_bare),
+                    ("evaluation of the volume, pre only", t_pre),
+                    ("evaluation of the volume, pre + TS + LTS (default)", t_all)):
+        print(f"  {name:<50} {1000 * t:8.1f} ms  ({t / t_net:.2f}× network)")
     ok = t_all <= 2 * t_net
     print(f"  target: evaluation ≤ 2× network: {'met' if ok else 'NOT met'}")
     print("  where the time goes (each step alone on the same volume, median):")

@@ -1,7 +1,7 @@
 """Figures of a comparison (PNG through :func:`pipeline.report.save_figure`, written atomically): radar plot
 (paper Fig. 2), ranking heat map (Fig. 3), mean logits (Fig. 4), noise robustness (Fig. 5), hyperparameter
-sensitivity (Fig. 6), backbones (Fig. 7) and pooled reliability diagrams (Fig. 8). Each function takes plain numbers; the report
-gathers them.
+sensitivity (Fig. 6), backbones (Fig. 7) and pooled reliability diagrams (Fig. 8). Each function takes plain
+numbers; the report gathers them.
 """
 
 from __future__ import annotations

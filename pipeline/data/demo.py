@@ -16,10 +16,13 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from pydoc import locate
 
 import numpy as np
 
+from pipeline.config import REPO_ROOT, available, load_config
 from pipeline.io import building_folder
+from pipeline.registry import check_name
 
 MARKER = ".demo-data.json"
 
@@ -30,10 +33,6 @@ def is_demo_folder(path: str | os.PathLike) -> bool:
 
 def source_class(dataset: str, config_dir: Path | None = None):
     """The source class a dataset's config selects (``dataset::source::_target_``)."""
-    from pydoc import locate
-
-    from pipeline.config import load_config
-
     parser = load_config(dataset, config_dir=config_dir)
     target = parser["dataset"]["source"]["_target_"]
     cls = locate(target)
@@ -64,9 +63,6 @@ def write_demo_data(
     Raises:
         FileExistsError: ``dest`` exists, is not empty and is not a demo folder written here.
     """
-    from pipeline.config import REPO_ROOT, available
-    from pipeline.registry import check_name
-
     check_name(dataset, available("dataset", config_dir), "dataset")
     cls = source_class(dataset, config_dir)
     dest = Path(dest) if dest else REPO_ROOT / "data" / "demo" / dataset

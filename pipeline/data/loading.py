@@ -30,7 +30,9 @@ from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
 from monai.transforms import Compose, Transform
 from torch.utils.data import Dataset
 
+from pipeline.data.validation import FileProblem, read_header
 from pipeline.io import save_torch_atomic
+from pipeline.registry import check_name
 from pipeline.tensors import check_slice_axis, plain
 
 TRAIN_KEYS = ("image", "label")
@@ -101,8 +103,6 @@ def _tensor_bytes(item: dict) -> int:
 
 
 def _input_voxels(case: dict) -> int:
-    from pipeline.data.validation import FileProblem, read_header
-
     total = 0
     for key in ("image", "label"):
         paths = case.get(key)
@@ -134,8 +134,6 @@ def choose_cache(mode: str, estimate: int, available: int, fraction: float = 0.5
     >>> choose_cache("auto", 6 << 30, 8 << 30)
     'disk'
     """
-    from pipeline.registry import check_name
-
     mode = check_name(str(mode), CACHE_MODES, "cache mode")
     if mode != "auto":
         return mode

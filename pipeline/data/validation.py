@@ -114,7 +114,8 @@ def read_mhd_header(path: str | os.PathLike) -> dict[str, str]:
     return fields
 
 
-def _mhd_geometry(path: Path) -> tuple[dict, tuple[int, ...], int, np.dtype, Path]:
+def mhd_geometry(path: Path) -> tuple[dict, tuple[int, ...], int, np.dtype, Path]:
+    """A MetaImage header's fields, dimensions, channels, data type and raw-data file; raises ``FileProblem``."""
     f = read_mhd_header(path)
     try:
         dims = tuple(int(v) for v in f["DimSize"].split())
@@ -131,7 +132,7 @@ def _mhd_geometry(path: Path) -> tuple[dict, tuple[int, ...], int, np.dtype, Pat
 
 
 def _mhd_header(path: Path) -> Header:
-    f, dims, channels, dtype, raw = _mhd_geometry(path)
+    f, dims, channels, dtype, raw = mhd_geometry(path)
     if not raw.is_file():
         raise FileProblem(f"its data file {raw.name} is missing")
     expected = int(np.prod(dims)) * channels * dtype.itemsize
@@ -157,7 +158,7 @@ def _mhd_header(path: Path) -> Header:
 
 def read_mhd_array(path: str | os.PathLike) -> np.ndarray:
     """The voxels of a MetaImage file as a numpy array in ``x, y, z`` order (for label checks and tests)."""
-    f, dims, channels, dtype, raw = _mhd_geometry(Path(path))
+    f, dims, channels, dtype, raw = mhd_geometry(Path(path))
     data = raw.read_bytes()
     if f.get("CompressedData", "False").lower() == "true":
         data = zlib.decompress(data)
@@ -233,7 +234,7 @@ def unique_values(arr: np.ndarray) -> np.ndarray:
     lo, hi = int(a.min()), int(a.max())
     if hi - lo > 1 << 20:
         return np.unique(a)
-    counts = np.bincount((a.astype(np.int64) - lo))
+    counts = np.bincount(a.astype(np.int64) - lo)
     return np.nonzero(counts)[0] + lo
 
 

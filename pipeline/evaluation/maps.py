@@ -38,7 +38,8 @@ class ConfidenceMapWriter:
         for item, out in zip(batch, engine.state.output):
             if self.count >= max(self.n_volumes, self.n_slices):
                 return
-            vid = str(item.get("id", f"volume{self.count:03d}")) if isinstance(item, dict) else f"volume{self.count:03d}"
+            vid = f"volume{self.count:03d}"
+            vid = str(item.get("id", vid)) if isinstance(item, dict) else vid
             prob = out["prob"]
             maxprob = prob.max(0).values.cpu()
             if self.count < self.n_volumes:

@@ -31,7 +31,8 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
         runs_root: where a run folder that is gone is restored from MLflow (default: ``runs/`` of the repository).
 
     Returns:
-        what :func:`pipeline.evaluation.evaluate.evaluate_trained` returns, plus ``run_id``, ``run_dir``, ``checkpoint``, ``how``, ``step``.
+        what :func:`pipeline.evaluation.evaluate.evaluate_trained` returns, plus ``run_id``, ``run_dir``,
+        ``checkpoint``, ``how``, ``step``.
     """
     uri = tracking_uri()
     found = resolve_run(run, uri, Path(runs_root) if runs_root else None)

@@ -48,7 +48,8 @@ def as_index_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return class_indices(labels, n_classes)
 
 
-def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+def check_number(name: str, value, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
     """Return ``value`` as a float if it is a real number in the given range; otherwise raise naming it.
 
     Args:

@@ -40,5 +40,6 @@ class Focal(SegmentationLoss):
         self.focal = MonaiFocalLoss(include_background=True, use_softmax=True, gamma=self.gamma, reduction="none")
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_class = self.focal(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))  # B×K×spatial, zero except at the true class
+        # B×K×spatial, zero except at the true class
+        per_class = self.focal(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))
         return per_class.sum(dim=1).mean()
