@@ -90,3 +90,13 @@ export: $(STAMP)
 ## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 41"
 bench-losses: $(STAMP)
 	$(PY) -m pipeline.benchmarks.losses $(ARGS)
+
+.PHONY: compare
+## the paper's comparison in one command: make compare DATASET=mni GRID=paper [SEEDS=0,1,2] [JOBS=n] [SHARD=i/n]
+##   [EPOCHS=n] [BACKBONES=a,b] [REPORT=only]; the report goes to reports/<dataset>/<grid>/
+GRID ?= paper
+compare: $(STAMP)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline compare --dataset $(DATASET) --grid $(GRID) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SHARD),--shard $(SHARD)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKBONES),--backbones $(BACKBONES)) \
+		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(ARGS)

@@ -100,6 +100,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare.runner import run_comparison
+
+    overrides = cfg.parse_assignments(args.overrides)
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    out = run_comparison(
+        args.dataset, args.grid, seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        jobs=args.jobs, shard_spec=args.shard, epochs=args.epochs, report_only=args.report == "only",
+        backbones=args.backbones.split(",") if args.backbones else None, overrides=overrides)
+    print(f"MLflow parent run: {out['parent_run_id']} (make ui: experiment 'compare')")
+    print(f"report: {out['report']}")
+    if out["failed"]:
+        print(f"{len(out['failed'])} run(s) failed: " + "; ".join(f"{r['key']}: {r['error']}" for r in out["failed"]))
+    return 1 if out["failed"] else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for kind in cfg.KINDS:
         print(f"{kind}: {', '.join(cfg.available(kind))}")
@@ -142,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="post-hoc calibrator inside the exported network (auto: TS when fitted)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("compare", help="train a comparison grid (resumable, shardable) and write its report")
+    p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")
+    p.add_argument("--grid", default="paper", help="configs/compare/<name>.yaml or a grid file (default: paper)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the grid's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once on this machine (default 1)")
+    p.add_argument("--shard", default=None, help="i/n: train the i-th of n shares of the grid (default: all)")
+    p.add_argument("--epochs", type=int, default=None, help="replace the grid's epochs (a quick look)")
+    p.add_argument("--backbones", default=None, help="comma-separated backbones (default: the grid's)")
+    p.add_argument("--report", default=None, choices=["only"], help="only: train nothing, report on the store")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: data/<dataset>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key that does not change the result (e.g. cache=disk, num_workers=2)")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 

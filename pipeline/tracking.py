@@ -7,16 +7,18 @@ else (params, test metrics, artifacts, status) goes through :class:`RunTracker`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from monai.handlers import MLFlowHandler
 
 from pipeline.config import REPO_ROOT
@@ -63,6 +65,32 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+#: the MLflow UI opens an experiment of this kind on its runs table (not on the GenAI trace overview)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created when missing (artifacts beside a SQLite store), tagged as a model
+    development experiment so that the UI lands on its runs."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        name, artifact_location=artifact_root(uri))
+    if exp is None or any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+        for k, v in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp_id, k, v)
+    return exp_id
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of a run started here: the command (``mlflow.source.name``), its type and the commit."""
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    tags = {"mlflow.source.name": command[:500], "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
 class RunTracker:
     """Create and fill one MLflow run; as a context manager it ends the run it created.
 
@@ -82,14 +110,10 @@ class RunTracker:
     def __init__(self, experiment: str, run_name: str, uri: str | None = None, tags: dict | None = None) -> None:
         self.uri = uri or tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
-        else:
-            exp_id = exp.experiment_id
         self.experiment_name = experiment
-        self.experiment_id = exp_id
-        self.run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
+        self.experiment_id = ensure_experiment(self.client, experiment, self.uri)
+        tags = {**source_tags(), **(tags or {})}
+        self.run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = self.run.info.run_id
 
     @classmethod
@@ -136,6 +160,13 @@ class RunTracker:
                  if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """Record the run's dataset as an MLflow input (name, fingerprint, where it lives), so the UI groups runs
+        by dataset."""
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}))
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():

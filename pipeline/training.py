@@ -13,13 +13,14 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
 from pipeline.data.loading import train_loader, volume_loader
-from pipeline.data.prepare import PreparedData, prepare_data
+from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
@@ -29,13 +30,14 @@ from pipeline.tracking import RunTracker, flatten, git_commit
 log = logging.getLogger("pipeline")
 
 
-def run_training(parser, run_name: str | None = None, quiet: bool = False) -> dict:
+def run_training(parser, run_name: str | None = None, quiet: bool = False, tags: dict | None = None) -> dict:
     """Train, validate, test and log one run described by ``parser`` (a MONAI ``ConfigParser``).
 
     Args:
         parser: the run's merged config (:func:`pipeline.config.load_config`).
         run_name: the run folder's and MLflow run's name (default ``<dataset>-<loss>-<backbone>-<time>-<id>``).
         quiet: no progress bar and no per-validation lines.
+        tags: extra MLflow tags of the run (e.g. ``mlflow.parentRunId`` for a run of a comparison).
 
     Returns:
         ``{"run_id", "run_dir", "results", "table", "posthoc_table", "noise_table", "best_checkpoint", "plot",
@@ -74,8 +76,9 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False) -> di
     ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
     write_json_atomic(run_dir / "splits.json", data.split)
 
-    with RunTracker(value("experiment_name"), run_name, tags=dict(names)) as tracker:
+    with RunTracker(value("experiment_name"), run_name, tags={**names, **(tags or {})}) as tracker:
         tracker.log_params(_params(parser, names, data, loader, run_dir, device, amp))
+        tracker.log_dataset(names["dataset"], data_fingerprint(parser), str(value("data_dir")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "splits.json")
 
@@ -138,5 +141,5 @@ def _params(parser, names: dict, data: PreparedData, loader, run_dir: Path, devi
         "n_train_volumes": len(data.cases["train"]), "n_val_volumes": len(data.cases["val"]),
         "n_test_volumes": len(data.cases["test"]), "n_train_slices": len(loader.dataset),
         "class_names": ",".join(data.class_names), "run_dir": str(run_dir),
-        "split": data.split_origin, "cache": data.cache,
+        "split": data.split_origin, "cache": data.cache, "torch_threads": torch.get_num_threads(),
     }

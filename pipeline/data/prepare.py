@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.data.loading import available_memory, choose_cache, estimate_cache_bytes, volume_dataset
 from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file
@@ -55,6 +57,55 @@ def _preprocess_key(parser) -> str:
     return json.dumps(conf, sort_keys=True, default=str)
 
 
+def _split(parser, dataset: dict, source, cases: list[dict]) -> tuple[dict, str]:
+    split_file = parser.get_parsed_content("split_file")
+    split_seed = int(dataset.get("split_seed", parser.get_parsed_content("seed")))
+    if split_file:
+        return load_split_file(split_file, cases), f"split file {split_file}"
+    return source.split(cases, split_seed), f"dataset (seed {split_seed})"
+
+
+def split_cases(parser) -> tuple[list[dict], dict]:
+    """The cases of a config's dataset and their split (``split_file`` when set, else the source's seeded split with
+    ``dataset::split_seed``, default ``seed``), without validating or reading the images.
+
+    Returns:
+        ``(cases, {split: [ids]})``.
+    """
+    dataset = parser.get_parsed_content("dataset")
+    cases = dataset["source"].cases()
+    return cases, _split(parser, dataset, dataset["source"], cases)[0]
+
+
+def _file_signature(path: str) -> list:
+    """Name, size and the sha256 of the first 64 KiB of a file: cheap, and changes with the data."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 16)).hexdigest()
+    return [p.name, p.stat().st_size, head]
+
+
+def data_fingerprint(parser) -> str:
+    """A short hash of a config's data: every case of every split with its files' signatures (name, size, head).
+
+    The same files in the same split give the same fingerprint on any machine (the folder they sit in plays no
+    part); a changed, added or moved case changes it.
+    """
+    cases, split = split_cases(parser)
+    by_id = {c["id"]: c for c in cases}
+    entries = []
+    for part in SPLITS:
+        for cid in split.get(part, []):
+            files = {}
+            for key, value in sorted(by_id[cid].items()):
+                paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+                sig = [_file_signature(v) for v in paths if isinstance(v, str) and Path(v).is_file()]
+                if sig:
+                    files[key] = sig
+            entries.append([part, cid, files])
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prepare_data(parser) -> PreparedData:
     """Read, validate and split the dataset of a config; build the cached volume datasets.
 
@@ -79,13 +130,7 @@ def prepare_data(parser) -> PreparedData:
             f"{len(problems)} problem(s) in the {parser['dataset_name']} dataset at {source.root}; nothing was "
             "trained:\n  - " + "\n  - ".join(problems)
         )
-    split_file = parser.get_parsed_content("split_file")
-    seed = int(parser.get_parsed_content("seed"))
-    split_seed = int(dataset.get("split_seed", seed))
-    if split_file:
-        split, origin = load_split_file(split_file, cases), f"split file {split_file}"
-    else:
-        split, origin = source.split(cases, split_seed), f"dataset (seed {split_seed})"
+    split, origin = _split(parser, dataset, source, cases)
     by_id = {c["id"]: c for c in cases}
     parts = {k: [by_id[i] for i in split.get(k, [])] for k in SPLITS}
     preprocess = parser.get_parsed_content("preprocess")

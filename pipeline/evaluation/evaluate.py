@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import report
@@ -37,7 +38,7 @@ from pipeline.evaluation.maps import ConfidenceMapWriter
 from pipeline.evaluation.noise import noise_sweep
 from pipeline.evaluation.results import jsonable, mlflow_metrics, summarise
 from pipeline.evaluation.settings import evaluation_settings
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import write_json_atomic, write_text_atomic, write_with
 from pipeline.posthoc import fit_calibrators
 
 POSTHOC_LOGGED = ("temperature", "val_nll_before", "val_nll_after", "val_ece_before", "val_ece_after",
@@ -168,6 +169,7 @@ def evaluate_trained(
     label = f"{names['loss']} · {names['backbone']} · {names['dataset']}"
     files = _figures(results, methods, maps.rows, run_dir, label)
     report.write_per_volume_csv(run_dir / "per_volume.csv", results["per_volume"])
+    figure_data = write_figure_data(run_dir / "figure_data.npz", results, methods, maps.rows)
     table = report.results_table(results)
     ptable = report.posthoc_table(results) if calibrators else ""
     ntable = report.noise_table(results["noise"]) if results.get("noise") else ""
@@ -189,7 +191,7 @@ def evaluate_trained(
             metrics.update({f"posthoc/{name}/{key}": d[key] for key in POSTHOC_LOGGED if key in d})
         metrics.update({f"time/{key}": v for key, v in timings.items()})
         tracker.log_metrics(metrics, step=step)
-        for f in [*files, run_dir / "per_volume.csv", run_dir / "results.txt", metrics_path, md]:
+        for f in [*files, run_dir / "per_volume.csv", figure_data, run_dir / "results.txt", metrics_path, md]:
             tracker.log_artifact(f)
         for f in maps.files:
             tracker.log_artifact(f, "maps")
@@ -227,6 +229,24 @@ def _figures(results: dict, methods: list[str], map_rows: list[dict], run_dir: P
         files.append(report.noise_plot(results["noise"], run_dir / "noise.png",
                                        f"{label}: Gaussian noise on the test images"))
     return files
+
+
+def write_figure_data(path: Path, results: dict, methods: list[str], map_rows: list[dict]) -> Path:
+    """The arrays behind a run's figures, for figures that compare runs (``pipeline.compare``): per method the
+    pooled reliability curve (``reliability_<method>_{edges,count,confidence,accuracy}``), the first confidence-map
+    slice (``map_{image,label,pred,maxprob}``, ``map_id``, ``map_slice``) and the mean logits per ground-truth class
+    (``mean_logits``, ``K×K``); a NumPy ``.npz`` file."""
+    arrays: dict[str, np.ndarray] = {}
+    for method in methods:
+        for key, values in results["methods"][method]["reliability"].items():
+            arrays[f"reliability_{method}_{key}"] = np.asarray(values, dtype=np.float64)
+    if map_rows:
+        row = map_rows[0]
+        arrays.update({f"map_{k}": np.asarray(row[k]) for k in ("image", "label", "pred", "maxprob")})
+        arrays["map_id"], arrays["map_slice"] = np.asarray(str(row["id"])), np.asarray(int(row["slice"]))
+    if results.get("logits"):
+        arrays["mean_logits"] = np.asarray(results["logits"]["mean_logits"], dtype=np.float64)
+    return write_with(lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays), path)
 
 
 def _write_metrics_json(path: Path, results: dict, notes: list[str], extra: Mapping) -> Path:
