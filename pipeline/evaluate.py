@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.config import apply_overrides
-from pipeline.posthoc import fit_calibrators
+from pipeline.posthoc import LTS_DEFAULTS, check_lts_settings, fit_calibrators
 from pipeline.registry import check_name
 from pipeline.tensors import class_indices, nanmean, one_hot, plain
 
@@ -44,15 +44,13 @@ DEFAULT_SETTINGS: dict = {
     "fit_foreground_only": False,
     "max_val_slices": 256,
     "ts": {"max_iter": 50},
-    "lts": {"iterations": 100, "lr": 0.001, "batch_slices": 16, "eval_every": 10, "use_image": True, "hidden": 4,
-            "init": "identity"},
+    "lts": copy.deepcopy(LTS_DEFAULTS),  # checked by pipeline.posthoc.check_lts_settings
     "noise": {"sigmas": [0.0, 0.01, 0.02, 0.03, 0.04, 0.05], "seed": 0},
     "maps": {"slices": 3, "volumes": 3},
     "logits": True,
     "monai_calibration_error": True,
 }
 POSTHOC_METHODS = ("ts", "lts")
-LTS_INITS = ("ts", "identity")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,23 +75,19 @@ def evaluation_settings(block: Mapping | None) -> dict:
         pipeline.registry.UnknownNameError: an unknown setting (with "did you mean …").
         ValueError: a value of the wrong kind (negative budget, unknown post-hoc method, negative sigma, …).
     """
-    s = _merge(DEFAULT_SETTINGS, block or {}, "evaluation")
+    given = dict(block or {})
+    lts = check_lts_settings(given.pop("lts", None))  # before the merge: it drops settings of older versions
+    s = _merge(DEFAULT_SETTINGS, given, "evaluation")
+    s["lts"] = lts
     posthoc = s["posthoc"] or []
     if isinstance(posthoc, str):
         posthoc = [posthoc]
     s["posthoc"] = [check_name(str(m), POSTHOC_METHODS, "post-hoc method") for m in posthoc]
-    check_name(str(s["lts"]["init"]), LTS_INITS, "LTS initialisation")
     for key, value in (("max_val_slices", s["max_val_slices"]), ("ts::max_iter", s["ts"]["max_iter"]),
-                       ("lts::iterations", s["lts"]["iterations"]), ("maps::slices", s["maps"]["slices"]),
+                       ("maps::slices", s["maps"]["slices"]),
                        ("maps::volumes", s["maps"]["volumes"])):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"evaluation::{key} must be a whole number >= 0, got {value!r}")
-    for key in ("batch_slices", "eval_every", "hidden"):
-        v = s["lts"][key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"evaluation::lts::{key} must be a whole number >= 1, got {v!r}")
-    if not float(s["lts"]["lr"]) > 0:
-        raise ValueError(f"evaluation::lts::lr must be > 0, got {s['lts']['lr']!r}")
     sigmas = s["noise"]["sigmas"] or []
     if not isinstance(sigmas, (list, tuple)) or any(not isinstance(v, (int, float)) or v < 0 for v in sigmas):
         raise ValueError(f"evaluation::noise::sigmas must be a list of numbers >= 0, got {sigmas!r}")

@@ -29,7 +29,11 @@ from pipeline.evaluate import (
 )
 from pipeline.io import write_nifti
 from pipeline.metrics.calibration import bin_index, calibration_statistics
-from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
+from pipeline.posthoc import (
+    LocalTemperatureScaling,
+    ReferenceTemperatureNet,
+    TemperatureScaling,
+)
 from pipeline.registry import UnknownNameError
 
 
@@ -207,7 +211,8 @@ def test_noise_sweep_scores_the_evaluation_regions_like_the_test_table():
 def test_test_evaluator_matches_the_calibration_module_and_scores_each_method():
     net, vols = TinyNet().eval(), tiny_volumes(soft=True)
     ts = TemperatureScaling(net, temperature=2.0).eval()
-    lts = LocalTemperatureScaling(net, TemperatureNet(3, image_channels=1)).eval()  # T = 1: the identity
+    lts = LocalTemperatureScaling(net, ReferenceTemperatureNet(3, image_channels=1)).eval()
+    lts.temperature_net.init_constant(1.0)  # T = 1: the identity
     ev = create_test_evaluator(net, loader(vols), torch.device("cpu"), 3, 2, calibrators={"ts": ts, "lts": lts})
     ev.run()
     res = summarise(ev, ["bg", "a", "b"], ["v0", "v1"], methods=["pre", "ts", "lts"])
@@ -258,6 +263,8 @@ def test_default_settings_equal_the_base_config_block():
 def test_settings_are_checked():
     s = evaluation_settings({"lts": {"iterations": 5}, "noise": {"sigmas": []}})
     assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == DEFAULT_SETTINGS["lts"]["lr"] and s["noise"]["sigmas"] == []
+    older = {"iterations": 100, "lr": 0.001, "batch_slices": 16, "eval_every": 10, "use_image": True, "hidden": 4}
+    assert evaluation_settings({"lts": older})["lts"] == DEFAULT_SETTINGS["lts"]  # a config saved by an older version
     with pytest.raises(UnknownNameError, match="Did you mean 'posthoc'"):
         evaluation_settings({"posthok": []})
     with pytest.raises(UnknownNameError, match="unknown post-hoc method 'tss'"):

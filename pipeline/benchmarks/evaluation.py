@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.prepare import prepare_data
     from pipeline.engines import SliceBatchInferer
     from pipeline.evaluate import create_test_evaluator, evaluation_settings, run_engine
-    from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, fit_calibrators
+    from pipeline.posthoc import LocalTemperatureScaling, ReferenceTemperatureNet, TemperatureScaling, fit_calibrators
 
     parser, network, what = _setup(args.run)
     data = prepare_data(parser)
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(fn() for _ in range(args.repeats))
 
     ts = TemperatureScaling(network, 1.1).to(device).eval()
-    lts = LocalTemperatureScaling(network, TemperatureNet(k, int(dataset.get("in_channels", 1)))).to(device).eval()
+    tnet = ReferenceTemperatureNet(k, int(dataset.get("in_channels", 1)))
+    lts = LocalTemperatureScaling(network, tnet).to(device).eval()
     t_net = _median_time(network_only, args.repeats)
     t_bare = median_run(engine_time(bare_evaluator))
     t_pre = median_run(evaluate({}))
