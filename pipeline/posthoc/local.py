@@ -73,7 +73,7 @@ class ReferenceTemperatureNet(nn.Module):
         image_channels: ``C``, the image channels (>= 1).
 
     >>> net = ReferenceTemperatureNet(num_classes=4, image_channels=1)
-    >>> net(torch.randn(2, 4, 16, 16), torch.rand(2, 1, 16, 16)).unique()
+    >>> net(torch.randn(2, 4, 16, 16), torch.rand(2, 1, 16, 16)).detach().unique()  # zero weights: T = 2
     tensor([2.])
     """
 
@@ -179,7 +179,7 @@ class LocalTemperatureScaling(Calibrator):
         temperature_net: the temperature network, :class:`ReferenceTemperatureNet` (the paper's Table 3).
 
     >>> lts = LocalTemperatureScaling(nn.Identity(), ReferenceTemperatureNet(num_classes=2, image_channels=1))
-    >>> lts.calibrate(torch.full((1, 2, 8, 8), 4.0), torch.zeros(1, 1, 8, 8)).unique()  # T = 2 at the start
+    >>> lts.calibrate(torch.full((1, 2, 8, 8), 4.0), torch.zeros(1, 1, 8, 8)).detach().unique()
     tensor([2.])
     """
 
