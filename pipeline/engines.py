@@ -24,8 +24,9 @@ from pipeline.metrics.logits import LogitStatistics
 from pipeline.metrics.segmentation import asd_handler, dice_handler
 from pipeline.tensors import check_slice_axis, class_indices, one_hot, plain
 
-#: post-hoc calibrators that never change the argmax: their DSC and ASD are those of the uncalibrated network
-ARGMAX_PRESERVING = ("ts",)
+#: post-hoc calibrators that never change the argmax, so their DSC and ASD are those of the uncalibrated network:
+#: TS and LTS both divide the logits of a pixel by one positive temperature (LTS's differs from pixel to pixel)
+ARGMAX_PRESERVING = ("ts", "lts")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import REPO_ROOT
 from pipeline.io import building_folder
+from pipeline.posthoc import TEMPERATURE_NETS, check_lts_model
 from pipeline.runs import load_weights, resolve_run
 
 BUNDLES_DIR = REPO_ROOT / "bundles"
@@ -89,8 +90,9 @@ def _network_config(parser, calibrator: dict | None) -> dict:
     if calibrator["kind"] == "ts":
         return {"_target_": "pipeline.posthoc.TemperatureScaling", "network": net,
                 "temperature": float(calibrator["temperature"])}
+    tnet = TEMPERATURE_NETS[check_lts_model(calibrator)].__name__
     return {"_target_": "pipeline.posthoc.LocalTemperatureScaling", "network": net,
-            "temperature_net": {"_target_": "pipeline.posthoc.TemperatureNet", **calibrator["config"]}}
+            "temperature_net": {"_target_": f"pipeline.posthoc.{tnet}", **calibrator["config"]}}
 
 
 def _load_calibrator(run_dir: Path, calibration: str) -> dict | None:

@@ -24,7 +24,7 @@ TINY_TRANSUNET = {
 TINY = {
     "unet": {"backbone::channels": [4, 8, 16], "backbone::strides": [2, 2], "backbone::num_res_units": 1,
              "backbone_divisor": 4},
-    "unet_paper": {"backbone::features": [4, 8, 16], "backbone_divisor": 4},
+    "unet_paper": {"backbone::features": [8, 8, 16, 16, 16]},  # the paper's pools (2, 2, 2, 4), stride 32
     "attunet": {"backbone::channels": [4, 8, 16], "backbone::strides": [2, 2], "backbone_divisor": 4},
     "unetpp": {"backbone::features": [4, 4, 8, 8, 8, 4]},
     "transunet": TINY_TRANSUNET,
@@ -116,10 +116,12 @@ def test_transunet_paper_size():
     assert 100e6 < n_params < 110e6, n_params  # TransUNet reports 105 M
 
 
-def test_unet_paper_is_the_paper_network():
-    """Hand count for 1 → 4 channels, widths 32-512: 3×3 convs (9·in·out + out), 2×2 transposed convs
-    (4·in·out + out) halving the channels, a final 1×1 conv; no normalisation, ReLU only."""
-    net = build("unet_paper", tiny=False).net
+def test_unet_paper_is_the_released_network():
+    """Hand count for 1 → 4 channels, widths 32-512: 3×3 convs (9·in·out + out), decoder convs reading
+    [up, skip] (up first: 512 + 256 → 256, …, 64 + 32 → 32), a final 1×1 conv; no transposed convolution, no
+    normalisation, ReLU only; max-pooling 2, 2, 2 then 4 (stride 32), nearest up-sampling 4, 2, 2, 2."""
+    wrapped = build("unet_paper", tiny=False)
+    net = wrapped.net
     widths = [32, 64, 128, 256, 512]
 
     def conv3(i, o):
@@ -127,14 +129,46 @@ def test_unet_paper_is_the_paper_network():
 
     expected = conv3(1, 32) + conv3(32, 32)
     expected += sum(conv3(a, b) + conv3(b, b) for a, b in zip(widths[:-1], widths[1:]))  # encoder
-    expected += sum(4 * b * a + a + conv3(2 * a, a) + conv3(a, a) for a, b in zip(widths[:-1], widths[1:]))
+    expected += sum(conv3(b + a, a) + conv3(a, a) for a, b in zip(widths[:-1], widths[1:]))  # decoder
     expected += 32 * 4 + 4  # final 1×1
-    assert expected == 7_759_620
+    assert expected == 7_846_180
     assert sum(p.numel() for p in net.parameters()) == expected
     kinds = {type(m).__name__ for m in net.modules()}
-    assert not kinds & {"BatchNorm2d", "InstanceNorm2d", "GroupNorm", "LayerNorm"}
+    assert not kinds & {"BatchNorm2d", "InstanceNorm2d", "GroupNorm", "LayerNorm", "ConvTranspose2d", "Dropout"}
     assert {type(m) for m in net.modules() if "LU" in type(m).__name__} == {nn.ReLU}
-    assert net.final_conv.kernel_size == (1, 1)
+    assert [m.kernel_size for m in net.modules() if isinstance(m, nn.MaxPool2d)] == [2, 2, 2, 4]
+    ups = [m for m in net.modules() if isinstance(m, nn.Upsample)]
+    assert [(m.scale_factor, m.mode) for m in ups] == [(4.0, "nearest"), (2.0, "nearest"), (2.0, "nearest"),
+                                                      (2.0, "nearest")]
+    assert [dec.convs.conv_0.conv.in_channels for dec in net.decoder] == [768, 384, 192, 96]
+    assert net.final_conv.kernel_size == (1, 1) and net.stride == 32 and wrapped.divisor == [32]
+    net.eval()
+    scripted = torch.jit.script(wrapped.eval())
+    with torch.no_grad():
+        assert net(torch.rand(2, 1, 64, 96)).shape == (2, 4, 64, 96)  # multiples of 32: no wrapper needed
+        x = torch.rand(1, 1, 80, 96)  # a slice of the default dataset: padded to 96×96 and cropped back
+        out = wrapped(x)
+        assert out.shape == (1, 4, 80, 96)
+        assert torch.allclose(scripted(x), out, atol=1e-5)
+        with pytest.raises(ValueError, match="multiples of 32"):
+            net(x)
+
+
+def test_unet_paper_concatenates_the_upsampled_features_before_the_skip():
+    """One decoder level by hand: nearest up-sampling, [up, skip], two 3×3 conv + ReLU."""
+    torch.manual_seed(0)
+    net = PlainUNet(2, 1, 2, features=(2, 3), pools=(4,)).eval()
+    x = torch.rand(1, 1, 8, 12)
+    dec = net.decoder[0]
+    with torch.no_grad():
+        skip = net.encoder[0](x)
+        low = net.encoder[1](skip)
+        assert low.shape == (1, 3, 2, 3)  # 4×4 max-pooling
+        up = low.repeat_interleave(4, 2).repeat_interleave(4, 3)
+        c0, c1 = dec.convs.conv_0.conv, dec.convs.conv_1.conv
+        h = torch.relu(c1(torch.relu(c0(torch.cat([up, skip], 1)))))
+        assert torch.allclose(net(x), net.final_conv(h), atol=1e-6)
+        assert not torch.allclose(net(x), net.final_conv(torch.relu(c1(torch.relu(c0(torch.cat([skip, up], 1)))))))
 
 
 def test_unetpp_uses_the_full_depth_output():
@@ -187,9 +221,13 @@ def test_transunet_bad_arguments(kwargs, match):
         TransUNet(1, 2, **{**base, **kwargs})
 
 
-def test_plain_unet_needs_two_levels():
+def test_plain_unet_bad_arguments():
     with pytest.raises(ValueError, match="at least two widths"):
         PlainUNet(features=[8])
+    with pytest.raises(ValueError, match=r"pools needs 2 factors >= 2 .*got pools=\[2, 2, 4\]"):
+        PlainUNet(features=[4, 8, 16], pools=[2, 2, 4])
+    with pytest.raises(ValueError, match="pools needs 1 factors >= 2"):
+        PlainUNet(features=[4, 8], pools=[1])
 
 
 def test_compare_runs_table(tmp_path):
@@ -223,4 +261,4 @@ def test_plain_unet_and_transunet_in_3d():
     with torch.no_grad():
         net = PadToMultiple(TransUNet(2, 3, spatial_dims=3, pos_grid=(2, 2, 2), **tiny), 16)
         assert net(x).shape == (1, 3, 19, 21, 9)
-        assert PadToMultiple(PlainUNet(3, 2, 3, features=(4, 8)), 2)(x).shape == (1, 3, 19, 21, 9)
+        assert PadToMultiple(PlainUNet(3, 2, 3, features=(4, 8), pools=(2,)), 2)(x).shape == (1, 3, 19, 21, 9)

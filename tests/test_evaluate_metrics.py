@@ -19,7 +19,7 @@ from pipeline.io import write_nifti
 from pipeline.metrics.calibration import bin_index, calibration_statistics
 from pipeline.metrics.extras import adaptive_ece, soft_label_calibration
 from pipeline.metrics.logits import LogitStatistics, logit_statistics
-from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling
+from pipeline.posthoc import LocalTemperatureScaling, ReferenceTemperatureNet, TemperatureScaling
 from pipeline.registry import UnknownNameError
 
 
@@ -197,7 +197,8 @@ def test_noise_sweep_scores_the_evaluation_regions_like_the_test_table():
 def test_test_evaluator_matches_the_calibration_module_and_scores_each_method():
     net, vols = TinyNet().eval(), tiny_volumes(soft=True)
     ts = TemperatureScaling(net, temperature=2.0).eval()
-    lts = LocalTemperatureScaling(net, TemperatureNet(3, image_channels=1)).eval()  # T = 1: the identity
+    lts = LocalTemperatureScaling(net, ReferenceTemperatureNet(3, image_channels=1)).eval()
+    lts.temperature_net.init_constant(1.0)  # T = 1: the identity
     ev = create_test_evaluator(net, loader(vols), torch.device("cpu"), 3, 2, calibrators={"ts": ts, "lts": lts})
     ev.run()
     res = summarise(ev, ["bg", "a", "b"], ["v0", "v1"], methods=["pre", "ts", "lts"])
@@ -227,7 +228,7 @@ def test_test_evaluator_matches_the_calibration_module_and_scores_each_method():
     assert res["mean"]["soft/ece"] == pytest.approx(np.mean(soft_ece), rel=1e-9)
     assert 0 <= res["mean"]["monai_calibration_error"] <= 1
     assert res["logits"]["mean_logits"].shape == (3, 3)
-    assert len(res["per_volume"]) == 2 and "lts_dsc" in res["per_volume"][0] and "ts_ece" in res["per_volume"][0]
+    assert len(res["per_volume"]) == 2 and "lts_ece" in res["per_volume"][0] and "ts_ece" in res["per_volume"][0]
 
 
 def test_soft_labels_of_the_wrong_shape_are_named():
@@ -249,6 +250,8 @@ def test_settings_are_checked():
     s = evaluation_settings({"lts": {"iterations": 5}, "noise": {"sigmas": []}})
     assert s["lts"]["iterations"] == 5 and s["lts"]["lr"] == default_settings()["lts"]["lr"]
     assert s["noise"]["sigmas"] == []
+    older = {"iterations": 100, "lr": 0.001, "batch_slices": 16, "eval_every": 10, "use_image": True, "hidden": 4}
+    assert evaluation_settings({"lts": older})["lts"] == default_settings()["lts"]  # a config of an older version
     with pytest.raises(UnknownNameError, match="Did you mean 'posthoc'"):
         evaluation_settings({"posthok": []})
     with pytest.raises(UnknownNameError, match="unknown post-hoc method 'tss'"):

@@ -115,3 +115,29 @@ def test_bundle_command_line_of_monai_verifies_the_export(trained):
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "metadata is verified with no error" in done.stdout + done.stderr
+
+
+def test_lts_bundle_holds_the_reference_temperature_network(trained, tmp_path):
+    """A run with a fitted LTS exports the released temperature network inside the bundle's network."""
+    import shutil
+
+    from pipeline.posthoc import LocalTemperatureScaling, ReferenceTemperatureNet
+
+    run_dir = tmp_path / "lts-run"
+    shutil.copytree(trained["out"]["run_dir"], run_dir)
+    tnet = ReferenceTemperatureNet(3, 1)
+    with torch.no_grad():
+        for p in tnet.parameters():
+            p.normal_(0, 0.1)
+    LocalTemperatureScaling(torch.nn.Identity(), tnet).save_calibrator(run_dir / "posthoc" / "lts.pt")
+    dest = export_bundle(str(run_dir), name="lts", calibration="lts", out_root=tmp_path / "bundles")
+    parser = ConfigParser()
+    parser.read_config(str(dest / "configs" / "inference.yaml"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(dest / "models" / "model.pt", weights_only=True))
+    assert isinstance(net, LocalTemperatureScaling) and isinstance(net.temperature_net, ReferenceTemperatureNet)
+    x = torch.rand(2, 1, 19, 21)
+    with torch.no_grad():
+        logits = net.network.eval()(x)
+        assert torch.allclose(net.eval()(x), logits / tnet(logits, x), atol=1e-5)
+    assert "local temperature scaling" in (dest / "docs" / "README.md").read_text()

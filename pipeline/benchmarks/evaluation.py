@@ -34,7 +34,7 @@ from pipeline.metrics.calibration import calibration_statistics
 from pipeline.metrics.extras import adaptive_ece, soft_label_calibration
 from pipeline.metrics.logits import logit_sums
 from pipeline.metrics.segmentation import average_surface_distance, spacing_of
-from pipeline.posthoc import LocalTemperatureScaling, TemperatureNet, TemperatureScaling, fit_calibrators
+from pipeline.posthoc import LocalTemperatureScaling, ReferenceTemperatureNet, TemperatureScaling, fit_calibrators
 from pipeline.runs import load_weights, resolve_run
 from pipeline.tensors import plain
 
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(fn() for _ in range(args.repeats))
 
     ts = TemperatureScaling(network, 1.1).to(device).eval()
-    lts = LocalTemperatureScaling(network, TemperatureNet(k, int(dataset.get("in_channels", 1)))).to(device).eval()
+    tnet = ReferenceTemperatureNet(k, int(dataset.get("in_channels", 1)))
+    lts = LocalTemperatureScaling(network, tnet).to(device).eval()
     t_net = _median_time(network_only, args.repeats)
     t_bare = median_run(engine_time(bare_evaluator))
     t_pre = median_run(evaluate({}))

@@ -7,7 +7,8 @@
    ``runs/<name>/posthoc/`` and as MLflow artifacts.
 2. **One pass over the test volumes**: the network runs once per volume (the evaluator of
    :func:`pipeline.engines.create_evaluator`, slice by slice); the same logits are scored uncalibrated (``pre``),
-   after TS and after LTS: DSC, ASD (pre and LTS, whose argmax can change; TS keeps the argmax), the paper's
+   after TS and after LTS: DSC and ASD (of pre: TS and LTS divide each pixel's logits by a positive temperature,
+   which keeps the argmax), the paper's
    foreground ECE/CECE, NLL, Brier, adaptive ECE, MONAI's ``CalibrationErrorMetric`` (a different quantity, logged
    under its own name), calibration against soft reference labels on datasets that carry them (``probs``), and
    logit statistics (paper Fig. 4). Confidence maps (PNG slices, NIfTI max-probability and entropy volumes) are

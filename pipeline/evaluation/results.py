@@ -125,7 +125,7 @@ def mlflow_metrics(results: dict, prefix: str = "test/") -> dict[str, float]:
     """Flat MLflow metric names.
 
     ``test/dsc``, ``test/ece``, … and per class ``test/dsc/GM``, ``test/sce/CSF``; per post-hoc method
-    ``test/ts/ece``, ``test/lts/dsc``, ``test/lts/ece/GM``; ``test/aece``, ``test/soft/ece``,
+    ``test/ts/ece``, ``test/lts/ece``, ``test/lts/ece/GM``; ``test/aece``, ``test/soft/ece``,
     ``test/monai_calibration_error``, ``test/logits/distance_mean``; per noise level ``test/noise_0.02/dsc``.
     """
     out: dict[str, float] = {}

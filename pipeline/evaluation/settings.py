@@ -13,10 +13,10 @@ from functools import lru_cache
 import yaml
 
 from pipeline.config import CONFIG_DIR
+from pipeline.posthoc import check_lts_settings
 from pipeline.registry import check_name
 
 POSTHOC_METHODS = ("ts", "lts")
-LTS_INITS = ("ts", "identity")
 
 
 @lru_cache(maxsize=4)
@@ -49,23 +49,19 @@ def evaluation_settings(block: Mapping | None) -> dict:
         pipeline.registry.UnknownNameError: an unknown setting (with "did you mean …").
         ValueError: a value of the wrong kind (negative budget, unknown post-hoc method, negative sigma, …).
     """
-    s = _merge(default_settings(), block or {}, "evaluation")
+    defaults = default_settings()
+    given = dict(block or {})
+    lts = check_lts_settings(given.pop("lts", None), defaults["lts"])  # first: it drops keys of older versions
+    s = _merge(defaults, given, "evaluation")
+    s["lts"] = lts
     posthoc = s["posthoc"] or []
     if isinstance(posthoc, str):
         posthoc = [posthoc]
     s["posthoc"] = [check_name(str(m), POSTHOC_METHODS, "post-hoc method") for m in posthoc]
-    check_name(str(s["lts"]["init"]), LTS_INITS, "LTS initialisation")
     for key, value in (("max_val_slices", s["max_val_slices"]), ("ts::max_iter", s["ts"]["max_iter"]),
-                       ("lts::iterations", s["lts"]["iterations"]), ("maps::slices", s["maps"]["slices"]),
-                       ("maps::volumes", s["maps"]["volumes"])):
+                       ("maps::slices", s["maps"]["slices"]), ("maps::volumes", s["maps"]["volumes"])):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"evaluation::{key} must be a whole number >= 0, got {value!r}")
-    for key in ("batch_slices", "eval_every", "hidden"):
-        v = s["lts"][key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"evaluation::lts::{key} must be a whole number >= 1, got {v!r}")
-    if not float(s["lts"]["lr"]) > 0:
-        raise ValueError(f"evaluation::lts::lr must be > 0, got {s['lts']['lr']!r}")
     sigmas = s["noise"]["sigmas"] or []
     if not isinstance(sigmas, (list, tuple)) or any(not isinstance(v, (int, float)) or v < 0 for v in sigmas):
         raise ValueError(f"evaluation::noise::sigmas must be a list of numbers >= 0, got {sigmas!r}")

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.metrics.calibration import calibration_statistics
-from pipeline.posthoc.local import LocalTemperatureScaling, TemperatureNet
+from pipeline.posthoc.local import LocalTemperatureScaling, ReferenceTemperatureNet
+from pipeline.posthoc.settings import LTS_INIT_TEMPERATURES
 from pipeline.posthoc.slices import collect_slices
 from pipeline.posthoc.temperature import TemperatureScaling
 from pipeline.tensors import nanmean
@@ -32,6 +33,9 @@ def fit_calibrators(network, val_volumes, settings: dict, num_classes: int, in_c
                     device, seed: int = 0, folder: Path | None = None, say: Callable = print) -> tuple[dict, dict]:
     """Fit the post-hoc calibrators of ``settings["posthoc"]`` on the validation volumes; save them in ``folder``.
 
+    LTS is the released network (:class:`ReferenceTemperatureNet`) started at the constant temperature of
+    ``settings["lts"]["init"]`` (``ts``: TS is fitted first, also when it is not among the calibrators asked for).
+
     Returns:
         ``({name: fitted wrapper}, {name: fit details})``.
     """
@@ -52,16 +56,13 @@ def fit_calibrators(network, val_volumes, settings: dict, num_classes: int, in_c
             calibrators["ts"] = ts
     if "lts" in settings["posthoc"]:
         cfg = settings["lts"]
-        with torch.random.fork_rng(devices=[]):  # the same initial weights at training's end and in make evaluate
-            torch.manual_seed(seed)
-            tnet = TemperatureNet(num_classes, in_channels if cfg["use_image"] else 0, cfg["hidden"]).to(device)
-        if cfg["init"] == "ts" and ts is not None:
-            tnet.init_constant(ts.temperature)
+        tnet = ReferenceTemperatureNet(num_classes, in_channels).to(device)
+        tnet.init_constant(ts.temperature if cfg["init"] == "ts" else LTS_INIT_TEMPERATURES[cfg["init"]])
         lts = LocalTemperatureScaling(network, tnet)
         info["lts"] = lts.fit(slices, iterations=cfg["iterations"], lr=float(cfg["lr"]),
                               batch_slices=cfg["batch_slices"], eval_every=cfg["eval_every"],
                               foreground_only=fg_only, seed=seed)
-        info["lts"]["init"] = cfg["init"]
+        info["lts"].update(model=tnet.model, init=cfg["init"], init_temperature=tnet.init_temperature)
         lts.eval()
         calibrators["lts"] = lts
     if "ts" in info and "ts" not in settings["posthoc"]:
@@ -71,7 +72,9 @@ def fit_calibrators(network, val_volumes, settings: dict, num_classes: int, in_c
         d = info[name]
         d.update(val_ece_before=before, val_ece_after=validation_ece(slices, cal))
         extra = f"T = {d['temperature']:.4f}; " if name == "ts" else ""
-        extra += f"best at step {d['best_iteration']} of {d['iterations']}; " if name == "lts" else ""
+        if name == "lts":
+            extra += (f"from T = {d['init_temperature']:.4f} ({d['init']}), best at step {d['best_iteration']} of "
+                      f"{d['iterations']}; ")
         say(f"{name.upper()}: {extra}validation NLL {d['val_nll_before']:.4f} → {d['val_nll_after']:.4f}, "
             f"validation ECE {d['val_ece_before']:.4f} → {d['val_ece_after']:.4f} ({d['seconds']:.1f} s)")
     for k in info:
