@@ -22,6 +22,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.export import (
     SCHEMA_FILE,
@@ -33,6 +34,7 @@ from pipeline.export import (
     verify_bundle,
 )
 from pipeline.export.scripts import imported_modules
+from pipeline.export.verify import main as verify_main
 from pipeline.posthoc import LocalTemperatureScaling, TemperatureScaling
 from pipeline.runs import load_weights
 from pipeline.train import run_training
@@ -196,6 +198,7 @@ def test_shipped_model_is_the_runs_network_with_its_calibrator(exported):
             torch.testing.assert_close(model.network(x), network(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive")  # MLflow loads it with torch.load first
 def test_mlflow_holds_the_bundle_and_a_registrable_logged_model(exported):
     client = mlflow.MlflowClient(tracking_uri=exported["uri"])
     run = client.get_run(exported["out"]["run_id"])
@@ -236,6 +239,26 @@ def test_verify_bundle_passes_and_altered_weights_are_refused(exported, tmp_path
         f.truncate(1000)
     with pytest.raises(WeightFileError, match=r"model\.pt: sha256 check failed.*1000 bytes"):
         check_large_files(copy)
+    meta = json.loads((copy / "configs" / "metadata.json").read_text())
+    del meta["eval_metrics"]
+    (copy / "configs" / "metadata.json").write_text(json.dumps(meta))
+    results = {name: (ok, detail) for name, ok, detail in verify_bundle(copy, SCHEMA_FILE, say=lambda _: None)}
+    assert not results["verify_metadata"][0] and "eval_metrics" in results["verify_metadata"][1]
+
+
+def test_command_lines_export_and_verify(exported, capsys):
+    run_dir = str(exported["out"]["run_dir"])
+    out_root = exported["tmp"] / "cli"
+    assert main(["export", run_dir, "--name", "cli", "--out", str(out_root), "--calibration", "ts",
+                 "--no-mlflow"]) == 0
+    printed = capsys.readouterr().out
+    assert "bundle cli 0.1.0 written to" in printed and "calibration: ts, scripted" in printed
+    assert "MLflow:" not in printed and "make verify-bundle NAME=" in printed
+    assert main(["export", run_dir, "--name", "cli", "--out", str(out_root)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert verify_main([str(out_root / "cli")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "8 of 8 checks passed"
+    assert verify_main([str(out_root / "nothing")]) == 2
 
 
 def test_reexport_grows_the_version_and_never_replaces_silently(exported):

@@ -175,7 +175,7 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
 
     image_steps, dropped = transforms.image_preprocessing(parser)
     labelled_steps, _ = transforms.labelled_preprocessing(parser)
-    random_steps = transforms.slice_sampling(slice_axis, _slices_per_volume(params)) + transforms.augmentation(parser)
+    random_steps = transforms.slice_sampling(slice_axis) + transforms.augmentation(parser)
     network_def = transforms.plain_value(parser, parser.get("network_def"), "network_def")
     files: dict[str, Path] = {}
     built = {

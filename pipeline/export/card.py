@@ -28,6 +28,7 @@ def model_card(meta: Mapping, info: Mapping, *, image_steps: Sequence[Mapping], 
         scripts: the files of ``scripts/`` (empty: none).
     """
     name = meta["name"]
+    source = meta["data_source"][:1].upper() + meta["data_source"][1:]
     classes = list(info["class_names"])
     k = len(classes)
     unit = info["distance_unit"]
@@ -49,24 +50,26 @@ def model_card(meta: Mapping, info: Mapping, *, image_steps: Sequence[Mapping], 
 
 - task: {meta['task']}
 - network: 2D {info['backbone']} (`models/model.ts`: padding to the network's stride, backbone, {calib})
-- exported from run `{info['run_name']}` (MLflow run `{info['run_id'] or '-'}`) of the MbLS pipeline; version
-  {meta['version']}
+- exported from run `{info['run_name']}` (MLflow run `{info['run_id'] or '-'}`) of the MbLS pipeline
+- bundle version {meta['version']}
 
 ## Data
 
-{meta['data_source']}. Classes: {', '.join(f'{i} {c}' for i, c in enumerate(classes))}.
+{source}. Classes: {', '.join(f'{i} {c}' for i, c in enumerate(classes))}.
 
 The configs read NIfTI files below `dataset_dir` (default `<bundle>/data`): images to segment in `imagesTs/`;
 for evaluation and training, the cases of `configs/datalist.json` (the run's split: `training` and `validation`
-in `imagesTr/` + `labelsTr/`, `test` in `imagesTs/` + `labelsTs/`).
+in `imagesTr/` + `labelsTr/`, `test` in `imagesTs/` + `labelsTs/`). The MbLS pipeline writes a run's cases in
+this layout: `make export RUN=<run> ARGS="--data-dir <dataset_dir>"`.
 
 ## Training configuration
 
 Loss `{loss['_target_'].split('.')[-1]}` ({loss_params}); Adam, learning rate {train['learning_rate']} multiplied by
 {train['lr_gamma']} after half of the {train['epochs']} epochs; batch size {train['batch_size']}; best checkpoint by
 validation DSC every {train['val_interval']} epochs; seed {train['seed']}. The network sees 2D slices along axis
-{info['slice_axis']} of the preprocessed volumes. `configs/train.json` draws {train['slices_per_volume']} random
-slices per training volume and epoch (MONAI `RandSpatialCropSamplesd`), then the run's augmentation
+{info['slice_axis']} of the preprocessed volumes. `configs/train.json` draws each training volume
+{train['slices_per_volume']} times per epoch in random order (as many slices as the run's epochs held), takes one
+random slice per draw (MONAI `RandSpatialCropd`) and applies the run's augmentation
 ({_steps(train['train']['random_transforms'][2:])}). {scripts_text}
 
 ### Input

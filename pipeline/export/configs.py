@@ -9,7 +9,10 @@
   MONAI's calibration error, per-case CSV files (``MetricsSaver``).
 * ``train.json`` retrains the network from ``configs/datalist.json`` (``training`` and ``validation``) with
   MONAI's ``SupervisedTrainer``: the run's preprocessing cached per volume, random 2D slices with the run's
-  augmentation, the run's loss, Adam with the run's step schedule, best checkpoint by validation DSC.
+  augmentation, the run's loss, Adam with the run's step schedule, best checkpoint by validation DSC. Each draw of
+  a volume gives one random slice; a ``RandomSampler`` draws the volumes in random order, each
+  ``slices_per_volume`` times per epoch, so that an epoch holds as many slices as the run's and a batch of
+  ``batch_size`` slices mixes volumes.
 
 Config ids follow MONAI's bundle properties (``bundle_root``, ``dataset_dir``, ``network_def``, ``inferer``,
 ``train#trainer``, ``validate#evaluator``, …) so that ``ConfigWorkflow.check_properties`` passes.
@@ -149,13 +152,14 @@ def train_config(labelled_steps: Sequence[Mapping], random_steps: Sequence[Mappi
 
     Args:
         labelled_steps: the run's deterministic preprocessing of image and label (cached per volume).
-        random_steps: random 2D slices of each volume, then the run's augmentation.
+        random_steps: a random 2D slice of a volume, then the run's augmentation.
         network_def: the padded backbone (components of this project not yet vendored).
         loss: the loss entry (``scripts.losses.<Class>`` with its parameters).
         num_classes: ``K``.
         slice_axis: the spatial axis slices are taken along (validation runs the network along it).
         hyper: ``seed``, ``epochs``, ``val_interval``, ``batch_size``, ``learning_rate``, ``lr_gamma``,
-            ``slices_per_volume``, ``num_workers`` (the run's values).
+            ``slices_per_volume`` (training slices per volume, for the epoch length), ``num_workers`` (the run's
+            values).
     """
     keys = ("seed", "epochs", "val_interval", "batch_size", "learning_rate", "lr_gamma", "slices_per_volume",
             "num_workers")
@@ -183,8 +187,10 @@ def train_config(labelled_steps: Sequence[Mapping], random_steps: Sequence[Mappi
                               "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
             "dataset": {"_target_": "CacheDataset", "data": "@train_datalist", "transform": "@train#preprocessing",
                         "cache_rate": 1.0, "num_workers": "@num_workers"},
+            "sampler": {"_target_": "torch.utils.data.RandomSampler", "data_source": "@train#dataset",
+                        "num_samples": "$len(@train_datalist) * @slices_per_volume"},
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": "@batch_size",
-                           "shuffle": True, "num_workers": "@num_workers"},
+                           "sampler": "@train#sampler", "num_workers": "@num_workers"},
             "inferer": {"_target_": "SimpleInferer"},
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},

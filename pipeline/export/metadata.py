@@ -86,9 +86,8 @@ def _config_modules(config: Any, out: set[str]) -> None:
     elif isinstance(config, list):
         for v in config:
             _config_modules(v, out)
-    elif isinstance(config, str) and config.startswith("$"):
-        out.update(re.findall(r"\bimport\s+([A-Za-z_]\w*)", config))
-        out.update(re.findall(r"\bfrom\s+([A-Za-z_]\w*)[\w.]*\s+import\b", config))
+    elif isinstance(config, str) and config.startswith("$"):  # "$import a.b", "$from a.b import c"
+        out.update(re.findall(r"(?:^|;)\s*(?:import|from)\s+([A-Za-z_]\w*)", config[1:]))
 
 
 def required_packages(configs: Iterable[Any], script_modules: Iterable[str] = (), extra: Iterable[str] = ()
@@ -159,8 +158,8 @@ def metadata(*, name: str, info: Mapping, metrics: Mapping[str, float], metrics_
 
     Args:
         name: the bundle's name.
-        info: what the bundle holds: ``dataset``, ``task`` (what is segmented), ``data_source``, ``modality``, ``class_names``,
-            ``in_channels``, ``slice_axis``, ``loss``, ``loss_params``, ``backbone``, ``calibration``,
+        info: what the bundle holds: ``dataset``, ``task`` (what is segmented), ``data_source``, ``modality``,
+            ``class_names``, ``in_channels``, ``slice_axis``, ``loss``, ``loss_params``, ``backbone``, ``calibration``,
             ``calibration_detail``, ``run_name``, ``run_id``, ``distance_unit``.
         metrics: the shipped model's test metrics (:func:`shipped_metrics`).
         metrics_source: where they come from.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,9 @@ def log_bundle(run_id: str, bundle_dir: str | Path, model: torch.jit.ScriptModul
     client.log_artifacts(run_id, str(bundle_dir), artifact_path)
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # a TorchScript model needs nothing else
     # quiet: mlflow.pytorch warns about pickled Python models, but a TorchScript model is saved with torch.jit.save
-    with _tracking(uri), quiet_loggers(["mlflow.pytorch"]):
+    with _tracking(uri), quiet_loggers(["mlflow.pytorch"]), warnings.catch_warnings():
+        # MLflow checks the input example by loading the model with torch.load, which finds a TorchScript archive
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive.*")
         info = mlflow.pytorch.log_model(
             model, name=bundle_dir.name, input_example=input_example(in_channels), pip_requirements=requirements,
             serialization_format="pickle", metadata={"bundle": artifact_path}, run_id=run_id,

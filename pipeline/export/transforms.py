@@ -109,14 +109,13 @@ def augmentation(parser) -> list[dict]:
     return steps
 
 
-def slice_sampling(slice_axis: int, slices_per_volume: int) -> list[dict]:
-    """Random 2D slices of ``C×X×Y×Z`` volumes along ``slice_axis``: ``slices_per_volume`` whole-slice crops of
-    thickness 1 (MONAI ``RandSpatialCropSamplesd``), then the slice axis squeezed out (``SqueezeDimd``)."""
+def slice_sampling(slice_axis: int) -> list[dict]:
+    """A random 2D slice of a ``C×X×Y×Z`` volume along ``slice_axis``: a whole-slice crop of thickness 1 (MONAI
+    ``RandSpatialCropd``), then the slice axis squeezed out (``SqueezeDimd``)."""
     roi = [-1, -1, -1]
     roi[slice_axis] = 1
     return [
-        {"_target_": "RandSpatialCropSamplesd", "keys": ["image", "label"], "roi_size": roi,
-         "num_samples": int(slices_per_volume), "random_size": False},
+        {"_target_": "RandSpatialCropd", "keys": ["image", "label"], "roi_size": roi, "random_size": False},
         {"_target_": "SqueezeDimd", "keys": ["image", "label"], "dim": slice_axis + 1},
     ]
 
