@@ -80,11 +80,27 @@ demo-data: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) -m pipeline bench-data --dataset $(DATASET) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
-.PHONY: export
-## export a trained run as a MONAI bundle in bundles/<name>/: make export RUN=<run id | runs/<name> | checkpoint> [ARGS="--calibration ts --name my_model"]
+.PHONY: export verify-bundle shipped-bundle
+## export a trained run as a MONAI bundle in bundles/<name>/ (and into its MLflow run):
+##   make export RUN=<run id | run name | runs/<name> | checkpoint> [NAME=<bundle>] [ARGS="--calibration lts --overwrite"]
 export: $(STAMP)
-	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(ARGS)
+	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id or name, run folder or checkpoint file> [NAME=<bundle>] [ARGS=…]"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(if $(NAME),--name "$(NAME)") $(ARGS)
+
+## check an exported bundle offline with MONAI's tools, one line per check: make verify-bundle NAME=<bundle | folder>
+verify-bundle: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make verify-bundle NAME=<bundle name under bundles/ or bundle folder>"; exit 2; }
+	$(PY) -m pipeline.export "$(NAME)"
+
+## retrain the default model (mni, mbls, unet), re-export the shipped bundle with TS over the old one, verify it
+ifndef SHIPPED_RUN
+SHIPPED_RUN := shipped-mni-mbls-unet-$(shell date +%Y%m%d-%H%M%S)
+endif
+shipped-bundle: $(STAMP)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train --dataset mni --loss mbls --backbone unet \
+		--run-name "$(SHIPPED_RUN)" --quiet
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(SHIPPED_RUN)" --calibration ts --overwrite
+	$(PY) -m pipeline.export mni_brain_tissue_mbls_unet
 
 .PHONY: bench-losses
 ## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 41"

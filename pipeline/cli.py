@@ -92,11 +92,18 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_bundle
 
-    dest = export_bundle(args.run, name=args.name, out_root=args.out, calibration=args.calibration,
-                         overwrite=args.overwrite)
-    print(f"bundle written to {dest}")
-    print(f"run it: python -m monai.bundle run --bundle_root {dest} --config_file {dest}/configs/inference.yaml "
-          f"--meta_file {dest}/configs/metadata.json --input_dir <images> --output_dir <predictions>")
+    out = export_bundle(args.run, name=args.name, out_root=args.out, calibration=args.calibration,
+                        overwrite=args.overwrite, log_to_mlflow=not args.no_mlflow, data_dir=args.data_dir)
+    dest = out["bundle"]
+    print(f"bundle {out['name']} {out['version']} written to {dest} (calibration: {out['calibration']}, "
+          f"{out['compiled']} into models/model.ts; eval_metrics from {out['metrics_source']})")
+    if out["mlflow"]:
+        print(f"MLflow: artifacts {out['mlflow']['artifact_path']}, logged model {out['mlflow']['model_uri']}")
+    if out["data_dir"]:
+        print(f"the run's cases, in the bundle's data layout: {out['data_dir']}")
+    print(f"verify it: make verify-bundle NAME={dest}")
+    print(f"run it: cd {dest} && python -m monai.bundle run --config_file configs/inference.json "
+          "--dataset_dir <folder with imagesTs/> --output_dir <predictions>")
     return 0
 
 
@@ -153,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench_data)
     p = sub.add_parser("export", help="export a trained run as a MONAI bundle (bundles/<name>/)")
     p.add_argument("run", help="MLflow run id or name, run folder (runs/<name>), or checkpoint file")
-    p.add_argument("--name", default=None, help="bundle folder name (default: the run folder's name)")
+    p.add_argument("--name", default=None,
+                   help="bundle folder name (default: <dataset>_<task>_<loss>_<backbone>, "
+                   "e.g. mni_brain_tissue_mbls_unet)")
     p.add_argument("--out", default=None, help="where bundles go (default: bundles/)")
     p.add_argument("--calibration", default="auto", choices=["auto", "none", "ts", "lts"],
-                   help="post-hoc calibrator inside the exported network (auto: TS when fitted)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
+                   help="post-hoc calibration inside the shipped model (auto: TS when fitted)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name (version + 1)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the bundle and model into the run's MLflow run")
+    p.add_argument("--data-dir", default=None, help="also copy the run's cases there, in the bundle's data layout")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("compare", help="train a comparison grid (resumable, shardable) and write its report")
     p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")
