@@ -17,7 +17,7 @@ from pipeline.losses.ce_dice import CEDice
 from pipeline.losses.ecp import ConfidencePenalty, mean_entropy
 from pipeline.losses.focal import Focal
 from pipeline.losses.ls import LabelSmoothing
-from pipeline.losses.mbls import PENALTIES, MarginLoss, ce_and_margin_penalty, logit_distances, margin_penalty
+from pipeline.losses.mbls import PENALTIES, MarginLoss, logit_distances, margin_penalty
 from pipeline.losses.mbls_dice import MarginDiceLoss
 from pipeline.losses.mbls_l2 import MarginL2Loss
 from pipeline.losses.svls import SpatiallyVaryingLabelSmoothing, svls_kernel
@@ -78,7 +78,6 @@ __all__ = [
     "MarginL2Loss",
     "MarginDiceLoss",
     "PENALTIES",
-    "ce_and_margin_penalty",
     "logit_distances",
     "margin_penalty",
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from pipeline.losses.base import SegmentationLoss
-from pipeline.losses.mbls import MarginWorkspace, ce_and_margin_penalty, check_margin_alpha
+from pipeline.losses.mbls import check_margin_alpha, margin_penalty
 from pipeline.tensors import one_hot
 
 
@@ -36,10 +37,10 @@ class MarginDiceLoss(SegmentationLoss):
         super().__init__()
         self.margin, self.alpha = check_margin_alpha(margin, alpha)
         self.dice = DiceLoss(include_background=False, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
-        self.workspace = MarginWorkspace()
 
     def _forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total, ce, penalty = ce_and_margin_penalty(logits, labels, self.margin, self.alpha, "l1", self.workspace)
+        ce = F.cross_entropy(logits, labels)
+        penalty = margin_penalty(logits, self.margin, "l1")
         dice = self.dice(logits, one_hot(labels, logits.shape[1], dtype=logits.dtype))
         self.parts = {"ce": ce.detach(), "dice": dice.detach(), "penalty": penalty.detach()}
-        return total + dice
+        return ce + self.alpha * penalty + dice
