@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from pipeline import config as cfg
 
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # MONAI announces a future default of Orientationd at every construction; it does not affect these configs
-    warnings.filterwarnings("ignore", message=".*Current default value of argument.*")
+    cfg.quiet_warnings()
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:

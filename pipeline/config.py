@@ -9,6 +9,7 @@ replaces a top-level key, ``a::b`` keys reach into nested ones, ``+key`` merges)
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ from pipeline.registry import check_name
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(os.environ.get("MBLS_CONFIG_DIR", REPO_ROOT / "configs"))
 KINDS = ("dataset", "loss", "backbone")
+
+
+def quiet_warnings() -> None:
+    """Silence warnings that say nothing about a run: MONAI announces a future default of ``Orientationd`` at every
+    construction (it does not affect these configs)."""
+    warnings.filterwarnings("ignore", message=".*Current default value of argument.*")
 
 
 def available(kind: str, config_dir: Path | None = None) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from pipeline.compare.collect import child_runs, collect, find_or_create_parent, is_stale
 from pipeline.compare.grid import RunSpec, expand, load_grid, parse_shard, resolved_config, run_key, shard
 from pipeline.compare.report import write_report
-from pipeline.config import REPO_ROOT
+from pipeline.config import REPO_ROOT, quiet_warnings
 from pipeline.data.prepare import data_fingerprint
 from pipeline.io import building_folder
 from pipeline.tracking import ensure_experiment, source_tags, tracking_uri
@@ -83,6 +83,7 @@ def train_one(spec: RunSpec, dataset: str, machine: dict, tags: dict, config_dir
 
 def _init_worker(threads: int, gpus) -> None:
     torch.set_num_threads(threads)
+    quiet_warnings()
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
 
