@@ -230,22 +230,6 @@ def test_plain_unet_bad_arguments():
         PlainUNet(features=[4, 8], pools=[1])
 
 
-def test_compare_runs_table(tmp_path):
-    import json
-
-    from pipeline.benchmarks.backbones import compare_runs
-
-    for name, loss, dsc, ece in [("unet", "ce", 0.8, 0.05), ("unet", "mbls", 0.81, 0.02), ("attunet", "ce", 0.7, 0.1)]:
-        (tmp_path / f"p-{name}-{loss}").mkdir()
-        (tmp_path / f"p-{name}-{loss}" / "metrics.json").write_text(
-            json.dumps({"mean": {"dsc": dsc, "ece": ece, "cece": ece / 2}}))
-    table = compare_runs("p", ["attunet", "unet"], tmp_path).splitlines()
-    assert table[0] == "| backbone | DSC CE | DSC MbLS | ECE CE | ECE MbLS | CECE CE | CECE MbLS |"
-    assert table[2:] == ["| unet | 0.800 | 0.810 | 0.050 | 0.020 | 0.025 | 0.010 |"]  # attunet lacks its MbLS run
-    with pytest.raises(FileNotFoundError, match="no backbone has both"):
-        compare_runs("q", ["unet"], tmp_path)
-
-
 def test_benchmark_measure_in_process():
     from pipeline.benchmarks.backbones import measure
 

@@ -15,14 +15,12 @@ Each (backbone, size) pair runs in a fresh Python process, so the memory figures
 - CUDA: ``peak RSS`` is replaced by ``torch.cuda.max_memory_allocated`` over the steps (weights, gradients,
   activations), ``Δ step`` by that minus the memory allocated before the first step.
 
-``--compare-runs PREFIX`` instead prints the CE-vs-MbLS table of trained runs: test DSC, ECE and CECE (means over
-the test volumes) from ``runs/<PREFIX>-<backbone>-<loss>/metrics.json``, for the backbones that have both runs.
+CE vs MbLS on every backbone (the paper's Fig. 7) is a comparison grid: ``make compare GRID=backbones``.
 
 Usage::
 
     python -m pipeline.benchmarks.backbones                      # all backbones, 80x96 and 224x224
     python -m pipeline.benchmarks.backbones --backbones unet,transunet --sizes 80x96 --repeats 3
-    python -m pipeline.benchmarks.backbones --compare-runs bb100  # after make train ... --run-name bb100-<b>-<loss>
 """
 
 from __future__ import annotations
@@ -140,30 +138,6 @@ def _row(r: dict) -> str:
             f"{r['delta_mib']:>11.0f}")
 
 
-LOSSES = ("ce", "mbls")
-COMPARED = ("dsc", "ece", "cece")
-
-
-def compare_runs(prefix: str, backbones: list[str], runs_dir: Path) -> str:
-    """Markdown table of the test DSC, ECE and CECE of ``runs_dir/<prefix>-<backbone>-<loss>/metrics.json``, CE
-    beside MbLS, one row per backbone that has both runs.
-
-    Raises:
-        FileNotFoundError: no backbone has both runs.
-    """
-    head = "| backbone | " + " | ".join(f"{m.upper()} {loss}" for m in COMPARED for loss in ("CE", "MbLS")) + " |"
-    rows = [head, "|---" * (1 + 2 * len(COMPARED)) + "|"]
-    for name in backbones:
-        files = [runs_dir / f"{prefix}-{name}-{loss}" / "metrics.json" for loss in LOSSES]
-        if not all(f.is_file() for f in files):
-            continue
-        means = [json.loads(f.read_text())["mean"] for f in files]
-        rows.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in COMPARED for m in means) + " |")
-    if len(rows) == 2:
-        raise FileNotFoundError(f"no backbone has both {runs_dir}/{prefix}-<backbone>-ce and -mbls runs")
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.benchmarks.backbones", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,9 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    ap.add_argument("--compare-runs", default=None, metavar="PREFIX",
-                    help="print the CE-vs-MbLS table of runs/PREFIX-<backbone>-<loss> instead of benchmarking")
-    ap.add_argument("--runs-dir", default=str(REPO_ROOT / "runs"), help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -184,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes.split(",")
     for s in sizes:
         _parse_size(s)
-    if args.compare_runs:
-        print(compare_runs(args.compare_runs, names, Path(args.runs_dir)))
-        return 0
     if args.worker:
         warnings.filterwarnings("ignore")
         r = measure(names[0], _parse_size(sizes[0]), args.batch, args.repeats, args.warmup, args.device)
