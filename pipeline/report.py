@@ -190,23 +190,12 @@ def reliability_per_class(stats_by_method: dict, class_names: Sequence[str], pat
         for c, j in enumerate(fg):
             ax = axes[r][c]
             curve = class_reliability(stats_by_method[method], j)
-            edges = curve["edges"]
-            centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-            filled = curve["count"] > 0
-            acc, conf = np.nan_to_num(curve["accuracy"]), np.nan_to_num(curve["confidence"])
-            ax.bar(centers[filled], acc[filled], width=width, edgecolor="black", color="#3b75af", lw=0.5)
-            lo, hi = np.minimum(acc, conf)[filled], np.maximum(acc, conf)[filled]
-            ax.bar(centers[filled], hi - lo, bottom=lo, width=width, color="#d62728", alpha=0.35, hatch="//",
-                   edgecolor="#d62728", lw=0.5)
-            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
+            draw_reliability(ax, curve, fontsize=8)
             ax.set_title(f"{method} · {class_names[j]}\nECE {_fmt(curve_ece(curve), 4)}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            if c == 0:
-                ax.set_ylabel("accuracy", fontsize=8)
-            if r == len(methods) - 1:
-                ax.set_xlabel("confidence", fontsize=8)
+            if c > 0:
+                ax.set_ylabel("")
+            if r < len(methods) - 1:
+                ax.set_xlabel("")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

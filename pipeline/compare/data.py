@@ -63,17 +63,28 @@ def check_grid(grid: dict) -> dict:
     missing = [k for k in GRID_KEYS if k not in grid]
     if missing:
         raise ValueError(f"grid {grid.get('name', '?')!r} lacks {missing}")
+    check_methods(grid, f"grid {grid['name']!r}", ("name", "label"))
+    return grid
+
+
+def check_methods(grid: dict, where: str, required: tuple[str, ...]) -> list[str]:
+    """Every method of ``grid`` is a mapping with the ``required`` keys, names are unique, and the grid's
+    ``reference`` and ``baseline`` are among them; returns the names.
+
+    Raises:
+        ValueError: naming ``where`` and what is wrong.
+    """
     names = []
     for m in grid["methods"]:
-        if not isinstance(m, dict) or "name" not in m or "label" not in m:
-            raise ValueError(f"grid {grid['name']!r}: every method needs a 'name' and a 'label', got {m!r}")
+        if not isinstance(m, dict) or not set(required) <= set(m):
+            raise ValueError(f"{where}: every method needs {', '.join(required)}, got {m!r}")
         names.append(m["name"])
     if len(set(names)) != len(names):
-        raise ValueError(f"grid {grid['name']!r}: method names repeat: {names}")
+        raise ValueError(f"{where}: method names repeat: {names}")
     for role in ("reference", "baseline"):
         if grid[role] not in names:
-            raise ValueError(f"grid {grid['name']!r}: {role} {grid[role]!r} is not one of the methods {names}")
-    return grid
+            raise ValueError(f"{where}: {role} {grid[role]!r} is not one of the methods {names}")
+    return names
 
 
 def method_names(grid: dict) -> list[str]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.compare.data import check_methods
 from pipeline.config import CONFIG_DIR, available, load_config
 from pipeline.registry import check_name
 
@@ -98,10 +99,8 @@ def load_grid(name: str, config_dir: Path | None = None) -> dict:
     if not g["seeds"] or any(not isinstance(s, int) or isinstance(s, bool) for s in g["seeds"]):
         raise ValueError(f"comparison grid {name!r}: seeds must be a non-empty list of whole numbers, got {g['seeds']}")
     g["profile"] = {k: v for k, v in (g.get("profile") or {}).items() if v is not None}
-    names = []
+    check_methods(g, f"comparison grid {name!r}", ("name", "label", "loss"))
     for m in g["methods"]:
-        if not isinstance(m, dict) or not {"name", "label", "loss"} <= set(m):
-            raise ValueError(f"comparison grid {name!r}: a method needs name, label and loss, got {m!r}")
         check_name(str(m["loss"]), losses, "loss")
         params = yaml.safe_load((Path(config_dir or CONFIG_DIR) / "loss" / f"{m['loss']}.yaml").read_text())["loss"]
         sweep = m.get("grid") or {}
@@ -116,12 +115,6 @@ def load_grid(name: str, config_dir: Path | None = None) -> dict:
         for values in sweep.values():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"comparison grid {name!r}: method {m['name']!r} sweeps {values!r}; expected a list")
-        names.append(m["name"])
-    if len(set(names)) != len(names):
-        raise ValueError(f"comparison grid {name!r}: method names repeat: {names}")
-    for role in ("reference", "baseline"):
-        if g[role] not in names:
-            raise ValueError(f"comparison grid {name!r}: {role} {g[role]!r} is not one of the methods {names}")
     return g
 
 
