@@ -41,7 +41,7 @@ SPLIT = {"train": ["case00", "case01"], "val": ["case02", "case03", "case04"], "
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both torchrun runs: ``{backbone: {"dir", "uri", "overrides", "config_dir", "data", "ranks": [rank records]}}``."""
+    """Both torchrun runs: ``{backbone: {"dir", "uri", "overrides", "config_dir", "data", "ranks": [records]}}``."""
     tmp = tmp_path_factory.mktemp("ddp")
     data, config_dir = write_blob_volumes(tmp / "data"), make_config_dir(tmp)
     (tmp / "split.json").write_text(json.dumps(SPLIT))
