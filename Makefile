@@ -37,8 +37,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 ## train one model: make train DATASET=mni LOSS=mbls BACKBONE=unet EPOCHS=… LOSS_ARGS="margin=8" ARGS="--set seed=1"
+##   NPROC=n: n processes on this machine (torchrun, DDP: one GPU each, or CPU processes with gloo)
+NPROC ?=
+LAUNCH = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
 train: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train $(SELECT) $(ARGS)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(LAUNCH) -m pipeline train $(SELECT) $(ARGS)
 
 ## run the test suite
 test: $(STAMP)
@@ -85,6 +88,12 @@ bench-data: $(STAMP)
 export: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(ARGS)
+
+.PHONY: bench
+## training throughput (slices/s, ratio to the bare network, data wait), 1 vs 2 processes; on CUDA also AMP on/off:
+##   make bench [ARGS="--processes 1,2,4 --epochs 6 --json bench/training.json"]
+bench: $(STAMP)
+	$(PY) -m pipeline.benchmarks.training $(ARGS)
 
 .PHONY: bench-losses
 ## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 41"

@@ -121,6 +121,17 @@ class DistributedRun:
         """Rank 0's ``text`` on every process (the run name: rank 0 generates it)."""
         return broadcast_text(text)
 
+    def rank_zero_first(self, fn) -> None:
+        """With several processes: ``fn()`` on rank 0, then on the others (a dataset source that writes its files
+        on first use, such as the embedded ``mni``, then writes them once). Nothing in one process."""
+        if not self.distributed:
+            return
+        if not self.is_primary:
+            barrier()
+        fn()
+        if self.is_primary:
+            barrier()
+
     def share(self, split: str, cases: list[dict]) -> list[dict]:
         """The cases of ``split`` this process caches (:func:`pipeline.data.sharding.cases_to_cache`)."""
         return cases_to_cache(split, cases, self.rank, self.world_size)
@@ -175,7 +186,7 @@ class DistributedRun:
         return DistributedDataParallel(network, device_ids=[self.local_rank] if cuda else None,
                                        find_unused_parameters=bool(find_unused_parameters))
 
-    def attach(self, trainer: Engine, evaluator: Engine, network: torch.nn.Module) -> None:
+    def attach(self, trainer: Engine, evaluator: Engine | None, network: torch.nn.Module) -> None:
         """Attach what several processes need, before the MLflow handlers: the sampler's epoch, the training loss
         averaged over processes, rank 0's state before each validation, the gathered volume ids, and an evaluator
         that completes its metrics without volumes. Nothing in one process."""
@@ -184,6 +195,8 @@ class DistributedRun:
         if self.sampler is not None:
             trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: self.sampler.set_epoch(e.state.epoch))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, average_training_metrics)
+        if evaluator is None:
+            return
         evaluator.add_event_handler(Events.STARTED, lambda _: broadcast_state(network))
         VolumeIds().attach(evaluator)
         if isinstance(getattr(evaluator, "data_loader", None), NoVolumes):

@@ -21,7 +21,7 @@ from monai.utils import set_determinism
 
 from pipeline.accelerator import amp_dtype, configure_amp, to_channels_last
 from pipeline.collectives import barrier
-from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data
+from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data, split_cases
 from pipeline.distributed import DistributedRun, NullTracker
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
@@ -59,6 +59,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
     dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
     run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
+    dist.rank_zero_first(lambda: split_cases(parser))  # a source writing its files on first use (mni) writes once
 
     data = prepare_data(parser, dist.share, dist.local_world_size)
     device = value("device")
