@@ -16,6 +16,10 @@ LOSS_ARGS ?=
 SPLIT_FILE ?=
 ARGS ?=
 PORT ?= 5000
+HOST ?= 127.0.0.1
+# where pip takes torch from (default PyPI: its CUDA build on Linux); the CPU container image uses
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
 
 SELECT = --dataset $(DATASET) --loss $(LOSS) --backbone $(BACKBONE) \
@@ -29,7 +33,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV) (once; a few minutes on a fresh machine)..."
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
@@ -47,9 +51,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-## serve the MLflow UI on http://127.0.0.1:$(PORT) (local only)
+## serve the MLflow UI on http://$(HOST):$(PORT) (default local only; a container binds HOST=0.0.0.0)
 ui: $(STAMP)
-	$(PY) -m mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	$(PY) -m mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
 
 ## list datasets, losses and backbones
 list: $(STAMP)
