@@ -3,10 +3,11 @@
 The base config turns ``amp`` and ``channels_last`` on when the run's device is CUDA and leaves them off on the
 CPU, where the pipeline runs as it always has (float32, contiguous NCHW, loading in the training process):
 
-* ``amp``: MONAI's engines run the forward pass under ``torch.autocast("cuda")``; in bfloat16 where the GPU supports
-  it (no loss scaling needed: bfloat16 has float32's range), else in float16 with a ``GradScaler``
-  (:func:`amp_dtype`, :func:`configure_amp`). Evaluation autocasts the network only; the metrics read float32
-  probabilities.
+* ``amp``: MONAI's trainer runs the forward pass under ``torch.autocast("cuda")``, in bfloat16 where the GPU
+  supports it (no loss scaling needed: bfloat16 has float32's range), else in float16 with a ``GradScaler``
+  (:func:`amp_dtype`, :func:`configure_amp`). Validation and test evaluation autocast the network in MONAI's
+  default, float16 (more mantissa bits than bfloat16 for the probabilities the calibration metrics bin); the metrics
+  read float32 probabilities.
 * ``channels_last``: the network's 4D weights in NHWC order (:func:`to_channels_last`), which cuDNN's tensor-core
   convolutions prefer; the inputs follow the weights' layout.
 * ``num_workers``: :func:`default_workers` data-loading processes per training process on CUDA, 0 on the CPU; with

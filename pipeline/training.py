@@ -100,7 +100,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
                                      n_bins=int(value("n_bins")), regions=list(data.regions.values()) or None)
         dist.attach(trainer, evaluator, network)
         if amp:
-            configure_amp(amp_dtype(device), trainer, evaluator)
+            configure_amp(amp_dtype(device), trainer)
         best_saver = CheckpointSaver(
             save_dir=str(run_dir / "checkpoints"), save_dict={"network": network}, save_key_metric=True,
             key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",

@@ -119,3 +119,24 @@ def test_null_tracker_accepts_every_call():
         tracker.engine_handler().attach(object())
         tracker.log_metrics({"x": 1.0}, step=2)
         assert tracker.run_id is None
+
+
+def test_each_process_caches_its_share_and_sizes_auto_cache_by_its_share_of_memory(tmp_path, monkeypatch):
+    import pipeline.data.prepare as prepare
+    from pipeline.config import load_config
+    from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
+
+    root, config_dir = write_blob_volumes(tmp_path / "data"), make_config_dir(tmp_path)
+    parser = load_config("blobs", "ce", "unet", config_dir=config_dir, overrides={
+        "data_dir": str(root), "cache": "auto", "cache_dir": str(tmp_path / "cache"), **tiny_unet_overrides()})
+    estimated = []
+    monkeypatch.setattr(prepare, "estimate_cache_bytes", lambda cases, pre: estimated.append(len(cases)) or 100)
+    monkeypatch.setattr(prepare, "available_memory", lambda: 300)  # half of it fits 100 bytes; a quarter does not
+    alone = prepare.prepare_data(parser)
+    assert alone.cache == "memory" and estimated == [6]
+    rank1 = DistributedRun(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    shared = prepare.prepare_data(parser, rank1.share, rank1.local_world_size)
+    assert shared.cache == "disk" and estimated[-1] == 1  # its training volume case01; its validation chunk is empty
+    assert shared.cases == alone.cases and shared.split == alone.split  # the whole split, for ids and counts
+    assert {k: len(v) for k, v in shared.volumes.items()} == {"train": 1}
+    assert shared.volumes["train"].cases[0]["id"] == "case01"

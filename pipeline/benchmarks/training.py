@@ -142,7 +142,7 @@ def measure(dataset: str, loss: str, backbone: str, epochs: int, amp: bool, bare
     network = to_channels_last(parser.get_parsed_content("network"),
                                bool(parser.get_parsed_content("channels_last")) and cuda)
     amp = bool(parser.get_parsed_content("amp")) and cuda
-    shape = tuple(next(iter(loader))["image"].shape)
+    shape = (loader.batch_size, *loader.dataset[0]["image"].shape)  # without starting the loader's workers
     barrier()
     bare = bare_rate(network, shape, len(data.class_names), device, amp, bare_steps)
     unused = bool(parser.get_parsed_content("find_unused_parameters"))
