@@ -16,6 +16,10 @@ LOSS_ARGS ?=
 SPLIT_FILE ?=
 ARGS ?=
 PORT ?= 5000
+HOST ?= 127.0.0.1
+# where pip takes torch from (default PyPI: its CUDA build on Linux); the CPU container image uses
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
 
 SELECT = --dataset $(DATASET) --loss $(LOSS) --backbone $(BACKBONE) \
@@ -29,7 +33,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV) (once; a few minutes on a fresh machine)..."
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
@@ -37,16 +41,19 @@ $(STAMP): pyproject.toml
 	touch $@
 
 ## train one model: make train DATASET=mni LOSS=mbls BACKBONE=unet EPOCHS=… LOSS_ARGS="margin=8" ARGS="--set seed=1"
+##   NPROC=n: n processes on this machine (torchrun, DDP: one GPU each, or CPU processes with gloo)
+NPROC ?=
+LAUNCH = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
 train: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train $(SELECT) $(ARGS)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(LAUNCH) -m pipeline train $(SELECT) $(ARGS)
 
 ## run the test suite
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-## serve the MLflow UI on http://127.0.0.1:$(PORT) (local only)
+## serve the MLflow UI on http://$(HOST):$(PORT) (default local only; a container binds HOST=0.0.0.0)
 ui: $(STAMP)
-	$(PY) -m mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	$(PY) -m mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
 
 ## list datasets, losses and backbones
 list: $(STAMP)
@@ -101,6 +108,12 @@ shipped-bundle: $(STAMP)
 		--run-name "$(SHIPPED_RUN)" --quiet
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(SHIPPED_RUN)" --calibration ts --overwrite
 	$(PY) -m pipeline.export mni_brain_tissue_mbls_unet
+
+.PHONY: bench
+## training throughput (slices/s, ratio to the bare network, data wait), 1 vs 2 processes; on CUDA also AMP on/off:
+##   make bench [ARGS="--processes 1,2,4 --epochs 6 --json bench/training.json"]
+bench: $(STAMP)
+	$(PY) -m pipeline.benchmarks.training $(ARGS)
 
 .PHONY: bench-losses
 ## time every loss (forward + backward on 4×4×224×224 logits) relative to CE: make bench-losses ARGS="--repeats 41"

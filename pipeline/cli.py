@@ -55,6 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     parser = build_parser(args)
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
     out = run_training(parser, run_name=args.run_name, quiet=args.quiet)
+    if not out["primary"]:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     _print_tables(out, f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
     print(f"run folder : {out['run_dir']}")
     print(f"MLflow run : {out['run_id']}  (make ui, then open http://127.0.0.1:5000)")

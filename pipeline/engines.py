@@ -233,7 +233,7 @@ def evaluation_metrics(
             metrics[f"{p}dsc"] = dice_handler(from_engine([pred, "label_onehot"]), regions=regions)
             if surface_distance:
                 metrics[f"{p}asd"] = asd_handler(from_engine([pred, "label"]), regions=regions)
-        metrics[f"{p}calibration"] = CalibrationMetrics(n_bins=n_bins, prefix=p,
+        metrics[f"{p}calibration"] = CalibrationMetrics(n_bins=n_bins, prefix=p, num_classes=num_classes,
                                                         output_transform=from_engine([prob, "label_index"]))
         if extras:
             metrics[f"{p}extras"] = VolumeExtras(n_bins=n_bins, prefix=p,

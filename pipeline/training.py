@@ -19,8 +19,10 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
-from pipeline.data.loading import train_loader, volume_loader
-from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data
+from pipeline.accelerator import amp_dtype, configure_amp, to_channels_last
+from pipeline.collectives import barrier
+from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data, split_cases
+from pipeline.distributed import DistributedRun, NullTracker
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
@@ -55,37 +57,50 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     set_determinism(seed=seed)
     names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
     run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
+    dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
+    run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
+    dist.rank_zero_first(lambda: split_cases(parser))  # a source writing its files on first use (mni) writes once
 
-    data = prepare_data(parser)
+    data = prepare_data(parser, dist.share, dist.local_world_size)
     device = value("device")
     epochs = int(value("epochs"))
     for part in ("train", "val", "test"):
-        if part not in data.volumes:
+        if not data.cases[part]:
             raise ValueError(f"the '{part}' split of the {names['dataset']} dataset is empty")
 
-    loader = train_loader(data.volumes["train"], data.slice_axis, value("augment"), int(value("batch_size")),
-                          int(value("num_workers")), bool(data.dataset.get("skip_empty_slices", False)), seed)
-    network = value("network")
+    loader = dist.train_loader(data.volumes["train"], data.slice_axis, value("augment"), int(value("batch_size")),
+                               int(value("num_workers")), bool(data.dataset.get("skip_empty_slices", False)), seed,
+                               device)
+    channels_last = bool(parser.get_parsed_content("channels_last", default=False)) and device.type == "cuda"
+    network = to_channels_last(value("network"), channels_last)
     loss_fn = value("loss").to(device)
     optimizer = value("optimizer")
     scheduler = value("lr_scheduler")
     amp = bool(value("amp")) and device.type == "cuda"
 
     run_dir = Path(value("output_dir")) / run_name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
-    write_json_atomic(run_dir / "splits.json", data.split)
+    if dist.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
+        write_json_atomic(run_dir / "splits.json", data.split)
 
-    with RunTracker(value("experiment_name"), run_name, tags={**names, **(tags or {})}) as tracker:
-        tracker.log_params(_params(parser, names, data, loader, run_dir, device, amp))
+    tracker_cls = RunTracker if dist.is_primary else NullTracker
+    with tracker_cls(value("experiment_name"), run_name, tags={**names, **(tags or {})}) as tracker:
+        tracker.log_params({**_params(parser, names, data, loader, run_dir, device, amp), **dist.params()})
         tracker.log_dataset(names["dataset"], data_fingerprint(parser), str(value("data_dir")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "splits.json")
 
-        trainer = create_trainer(network, loss_fn, optimizer, loader, device, epochs, scheduler, amp)
-        evaluator = create_evaluator(network, volume_loader(data.volumes["val"]), device, len(data.class_names),
-                                     data.slice_axis, prefix="val/", amp=amp, n_bins=int(value("n_bins")),
-                                     regions=list(data.regions.values()) or None)
+        barrier()  # the run folder and the MLflow run exist before any process trains
+        unused = bool(parser.get_parsed_content("find_unused_parameters", default=False))  # a backbone's flag
+        trainer = create_trainer(dist.wrap(network, seed, unused), loss_fn, optimizer, loader, device, epochs,
+                                 scheduler, amp)
+        evaluator = create_evaluator(network, dist.validation_loader(data.volumes.get("val")), device,
+                                     len(data.class_names), data.slice_axis, prefix="val/", amp=amp,
+                                     n_bins=int(value("n_bins")), regions=list(data.regions.values()) or None)
+        dist.attach(trainer, evaluator, network)
+        if amp:
+            configure_amp(amp_dtype(device), trainer)
         best_saver = CheckpointSaver(
             save_dir=str(run_dir / "checkpoints"), save_dict={"network": network}, save_key_metric=True,
             key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",
@@ -111,6 +126,8 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         t0 = time.time()
         trainer.run()
         train_s = time.time() - t0
+        if not dist.finish_training():  # rank 0 alone goes on to post-hoc fitting, test evaluation and reports
+            return {"run_id": None, "run_dir": run_dir, "primary": False}
 
         best = best_checkpoint(best_saver)
         if best is not None:
@@ -124,7 +141,8 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             tracker.set_tags({"best_checkpoint": str(best)})
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=0, checkpoint=best,
                                extra_summary=training, quiet=quiet)
-    return {"run_id": tracker.run_id, "run_dir": run_dir, "results": out["results"], "table": out["table"],
+    return {"run_id": tracker.run_id, "run_dir": run_dir, "primary": True, "results": out["results"],
+            "table": out["table"],
             "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
             "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
 

@@ -43,7 +43,10 @@ from pipeline.registry import check_name
 GRID_KEYS = ("name", "backbones", "seeds", "reference", "baseline", "methods")
 #: config keys that say where or how a run executes, not what it computes: left out of the key
 MACHINE_KEYS = ("output_dir", "data_dir", "cache_dir", "cache", "cache_memory_fraction", "num_workers", "device",
-                "experiment_name")
+                "experiment_name", "channels_last", "find_unused_parameters", "checkpoint_interval",
+                "imports")  # the Python modules the config's expressions may use
+#: keys whose expression depends on the machine: the key holds their value on this machine (``amp``: on CUDA only)
+RESOLVED_KEYS = ("amp",)
 
 
 def grid_dir(config_dir: Path | None = None) -> Path:
@@ -176,6 +179,9 @@ def resolved_config(spec: RunSpec, dataset: str, config_dir: Path | None = None,
 def run_key(parser, seed: int, data_fingerprint: str) -> str:
     """The key of a run: sha256 of its merged config (machine keys left out), its seed and the data fingerprint."""
     config = {k: v for k, v in parser.get().items() if k not in MACHINE_KEYS}
+    for k in RESOLVED_KEYS:
+        if k in config:
+            config[k] = parser.get_parsed_content(k)
     text = json.dumps({"config": config, "seed": int(seed), "data": data_fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,22 @@ def data_fingerprint(parser) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_data(parser) -> PreparedData:
+def prepare_data(parser, share: Callable[[str, list[dict]], list[dict]] | None = None,
+                 processes_per_node: int = 1) -> PreparedData:
     """Read, validate and split the dataset of a config; build the cached volume datasets.
 
     Validation runs on every case before anything is cached or trained. The split is the user's split file when
     ``split_file`` is set, else the source's deterministic split (seed ``dataset::split_seed`` when the dataset
     sets one, else ``seed``). The cache is chosen by ``cache`` (``memory``, ``disk`` or ``auto``: memory when the
     estimated size fits in ``cache_memory_fraction`` of the available memory; see :mod:`pipeline.data.loading`).
+
+    Args:
+        parser: the run's config.
+        share: ``(split, cases) -> the cases this process caches`` in a multi-process run
+            (:meth:`pipeline.distributed.DistributedRun.share`); default all. ``cases`` and ``split`` always hold
+            the whole split; ``volumes`` only what this process caches.
+        processes_per_node: the processes sharing this machine's memory: ``cache: auto`` compares this process's
+            estimate with ``cache_memory_fraction`` of its share (the available memory divided by them).
 
     Returns:
         a :class:`PreparedData`.
@@ -133,20 +143,21 @@ def prepare_data(parser) -> PreparedData:
     split, origin = _split(parser, dataset, source, cases)
     by_id = {c["id"]: c for c in cases}
     parts = {k: [by_id[i] for i in split.get(k, [])] for k in SPLITS}
+    cached = {k: share(k, v) if share is not None else v for k, v in parts.items()}
     preprocess = parser.get_parsed_content("preprocess")
     workers = int(parser.get_parsed_content("num_workers"))
     mode = str(parser.get("cache", "memory"))
     estimate = None
     if mode == "auto":
-        used = [c for part in parts.values() for c in part]
+        used = [c for part in cached.values() for c in part]
         estimate = estimate_cache_bytes(used, preprocess)
         fraction = float(parser.get_parsed_content("cache_memory_fraction")) if "cache_memory_fraction" in parser \
             else 0.5
-        mode = choose_cache(mode, estimate, available_memory(), fraction)
+        mode = choose_cache(mode, estimate, available_memory() // max(1, int(processes_per_node)), fraction)
         log.info("cache: %s (estimated %.2f GB)", mode, estimate / 1e9)
     cache_dir = parser.get_parsed_content("cache_dir") if mode == "disk" else None
     slice_axis = int(dataset.get("slice_axis", 2))
     key = _preprocess_key(parser) if mode == "disk" else ""
     volumes = {k: volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
-               for k, v in parts.items() if v}
+               for k, v in cached.items() if v}
     return PreparedData(dataset, parts, split, volumes, origin, mode, estimate)

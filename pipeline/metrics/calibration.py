@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
+from pipeline.collectives import gather_values, world_size
 from pipeline.metrics.volume import PerVolumeMetric
 from pipeline.tensors import class_indices, plain
 
@@ -243,8 +244,9 @@ class CalibrationMetrics(PerVolumeMetric):
     * ``ece``, ``cece``, ``nll``, ``brier``: the mean over volumes of the per-volume values (the paper's protocol);
     * ``ece_pooled``, ``cece_pooled``: from the bin sums of all volumes pooled.
 
-    Sums and counts are all-reduced across processes, so both are exact in multi-process evaluation. The
-    per-volume values (with the per-class ECE and SCE, values of this process only) and the pooled
+    Sums and counts are all-reduced across processes, so both are exact in multi-process evaluation; a process
+    that scored no volume takes part with zeros (sized from ``num_classes``, or like the other processes' sums).
+    The per-volume values (with the per-class ECE and SCE; every process's, in rank order) and the pooled
     :class:`CalibrationStats` are put in ``engine.state.metric_details[name]`` as ``{"volumes": [...], "pooled": …}``
     when the metric completes.
 
@@ -253,6 +255,8 @@ class CalibrationMetrics(PerVolumeMetric):
         foreground_only: keep only ground-truth foreground voxels (paper: True).
         prefix: prepended to each result key, e.g. ``"val/"``.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``.
+        num_classes: ``K``, to size the pooled sums before any volume (default ``None``: from the first volume; a
+            process without volumes then takes the size of the others' in :meth:`agree_on_shape`).
     """
 
     KEYS = ("ece", "cece", "nll", "brier")
@@ -264,17 +268,25 @@ class CalibrationMetrics(PerVolumeMetric):
         prefix: str = "",
         output_transform: Callable = lambda x: x,
         device: str | torch.device = "cpu",
+        num_classes: int | None = None,
     ) -> None:
         self.n_bins = n_bins
         self.foreground_only = foreground_only
+        self.num_classes = num_classes
         super().__init__(prefix, output_transform, device)
+
+    def stats_shapes(self, k: int) -> list[tuple[int, ...]]:
+        """The shapes of the :class:`CalibrationStats` tensors for ``k`` classes."""
+        return [(k, self.n_bins, 3), (k, self.n_bins, 3), (k,), (), ()]
 
     @reinit__is_reduced
     def reset(self) -> None:
         super().reset()
-        self._shape: list[tuple[int, ...]] | None = None
-        self._pooled = torch.zeros(0, dtype=torch.float64, device=self._device)
+        self._shape = None if self.num_classes is None else self.stats_shapes(int(self.num_classes))
+        size = 0 if self._shape is None else sum(int(np.prod(s)) for s in self._shape)
+        self._pooled = torch.zeros(size, dtype=torch.float64, device=self._device)
         self._skipped = torch.zeros((), dtype=torch.float64, device=self._device)
+        self._n_volumes = torch.zeros((), dtype=torch.float64, device=self._device)
 
     def volume_row(self, p, t) -> dict:
         p = plain(p).detach()
@@ -285,9 +297,12 @@ class CalibrationMetrics(PerVolumeMetric):
         if all(math.isnan(row[k]) for k in self.KEYS):
             self._skipped += 1
         flat = torch.cat([s.reshape(-1).to(self._device) for s in stats.astuple()])
-        self._pooled = flat if self._pooled.numel() == 0 else self._pooled + flat
+        if self._shape is not None and self._pooled.numel() != flat.numel():
+            raise ValueError(f"a volume with {p.shape[0]} probability channels, expected {self._shape[0][0]}")
+        self._pooled = flat if float(self._n_volumes) == 0 else self._pooled + flat
         if self._shape is None:
             self._shape = [tuple(s.shape) for s in stats.astuple()]
+        self._n_volumes += 1
         return row
 
     def _unflatten(self, flat: torch.Tensor) -> CalibrationStats:
@@ -298,9 +313,30 @@ class CalibrationMetrics(PerVolumeMetric):
             start += size
         return CalibrationStats(*parts)
 
-    @sync_all_reduce("_sum", "_num", "_pooled", "_skipped")
+    def agree_on_shape(self) -> None:
+        """With several processes and no ``num_classes``: size the pooled sums of a process without volumes like
+        those of the others, so that all-reducing them cannot fail (every process must call this).
+
+        Raises:
+            ValueError: processes whose volumes have different numbers of classes.
+        """
+        shapes = {repr(sh): sh for sh in gather_values(self._shape) if sh is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"processes scored volumes with different calibration statistics shapes: {list(shapes)}")
+        if shapes and self._shape is None:
+            self._shape = next(iter(shapes.values()))
+            self._pooled = torch.zeros(sum(int(np.prod(sh)) for sh in self._shape), dtype=torch.float64,
+                                       device=self._device)
+
     def compute(self) -> dict[str, float]:
-        if self._pooled.numel() == 0:
+        if world_size() > 1:
+            self.agree_on_shape()
+        return self.reduced_results()
+
+    @sync_all_reduce("_sum", "_num", "_pooled", "_skipped", "_n_volumes")
+    def reduced_results(self) -> dict[str, float]:
+        """The results from the sums all-reduced over processes (:meth:`compute` after :meth:`agree_on_shape`)."""
+        if float(self._n_volumes) == 0:  # after the reduction: no volume in any process
             raise RuntimeError("CalibrationMetrics must have at least one volume before it can be computed")
         pooled = self._unflatten(self._pooled)
         out = self.means()

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric, DiceMetric
 from monai.metrics.utils import do_metric_reduction
 
+from pipeline.metrics.gathered import GatheredMetricHandler
 from pipeline.metrics.surface import symmetric_asd
 from pipeline.tensors import plain
 
@@ -130,18 +130,18 @@ class SurfaceDistanceWithSpacing(CumulativeIterationMetric):
 
 
 def dice_handler(output_transform: Callable, save_details: bool = True,
-                 regions: Sequence[Sequence[int]] | None = None) -> IgniteMetricHandler:
+                 regions: Sequence[Sequence[int]] | None = None) -> GatheredMetricHandler:
     """Ignite handler: mean DSC over volumes and foreground classes (per-class details kept), or over the
     evaluation ``regions`` (sets of training classes) when given."""
     metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-    return IgniteMetricHandler(metric_fn=metric, output_transform=_with_regions(output_transform, regions),
-                               save_details=save_details)
+    return GatheredMetricHandler(metric_fn=metric, output_transform=_with_regions(output_transform, regions),
+                                 save_details=save_details)
 
 
 def asd_handler(output_transform: Callable, save_details: bool = True,
-                regions: Sequence[Sequence[int]] | None = None) -> IgniteMetricHandler:
+                regions: Sequence[Sequence[int]] | None = None) -> GatheredMetricHandler:
     """Ignite handler: mean symmetric ASD (mm) over volumes and foreground classes, ``nan`` entries skipped; over
     the evaluation ``regions`` (sets of training classes) when given."""
     metric = SurfaceDistanceWithSpacing(include_background=False, reduction="mean")
-    return IgniteMetricHandler(metric_fn=metric, output_transform=_with_regions(output_transform, regions),
-                               save_details=save_details)
+    return GatheredMetricHandler(metric_fn=metric, output_transform=_with_regions(output_transform, regions),
+                                 save_details=save_details)

@@ -2,7 +2,8 @@
 
 A volume whose value is ``nan`` (e.g. no ground-truth foreground for the paper's ECE) is skipped by the mean, never
 counted as 0. Sums and counts are all-reduced across processes, so the means are exact in a multi-process
-evaluation; the per-volume rows of this process go to ``engine.state.metric_details[name]``.
+evaluation; the per-volume rows of every process, gathered in rank order, go to
+``engine.state.metric_details[name]``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
+
+from pipeline.collectives import gather_in_rank_order
 
 
 def put_details(engine: Engine, name: str, details) -> None:
@@ -74,4 +77,5 @@ class PerVolumeMetric(Metric):
 
     def completed(self, engine: Engine, name: str) -> None:
         super().completed(engine, name)
+        self.volumes = gather_in_rank_order(self.volumes)  # every process's rows (a no-op in one process)
         put_details(engine, name, self.details())
