@@ -37,8 +37,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 ## train one model: make train DATASET=mni LOSS=mbls BACKBONE=unet EPOCHS=… LOSS_ARGS="margin=8" ARGS="--set seed=1"
+## continue a killed run from its last checkpoint: make train RESUME=<run folder | MLflow run id | run name>
 train: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train $(SELECT) $(ARGS)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train \
+		$(if $(RESUME),--resume "$(RESUME)",$(SELECT)) $(ARGS)
+
+.PHONY: sync-mlflow
+## write what a run could not log while MLflow was down (its metrics.jsonl) into MLflow: make sync-mlflow RUN=<run>
+sync-mlflow: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make sync-mlflow RUN=<run folder, MLflow run id or run name>"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline sync-mlflow "$(RUN)"
 
 ## run the test suite
 test: $(STAMP)

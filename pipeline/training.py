@@ -3,6 +3,9 @@
 data (source → validation → split → cached volumes → 2D slices) → network → loss → Ignite trainer with
 validation, best-checkpoint and MLflow handlers → test evaluation (:func:`pipeline.evaluation.evaluate_trained`:
 post-hoc calibration, metrics, analyses, reports) → table, files, MLflow.
+
+A run folder that exists is continued from its ``checkpoints/last.pt`` in the same MLflow run (:mod:`pipeline.resume`,
+:mod:`pipeline.checkpoints`); SIGTERM stops the run cleanly (MLflow status KILLED, the last checkpoint kept).
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from monai.bundle import ConfigParser
 from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
+from pipeline.checkpoints import LAST, TrainingCheckpoint, stop_on_sigterm
 from pipeline.data.loading import train_loader, volume_loader
 from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
+from pipeline.resume import plan_run, write_record
 from pipeline.runs import best_checkpoint, load_weights
-from pipeline.tracking import RunTracker, flatten, git_commit
+from pipeline.tracking import flatten, git_commit, tracking_uri
+from pipeline.tracking_store import check_store
 
 log = logging.getLogger("pipeline")
 
@@ -38,14 +44,17 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         run_name: the run folder's and MLflow run's name (default ``<dataset>-<loss>-<backbone>-<time>-<id>``).
         quiet: no progress bar and no per-validation lines.
         tags: extra MLflow tags of the run (e.g. ``mlflow.parentRunId`` for a run of a comparison).
+            An existing run folder ``<output_dir>/<run_name>`` is resumed (same config required).
 
     Returns:
         ``{"run_id", "run_dir", "results", "table", "posthoc_table", "noise_table", "best_checkpoint", "plot",
         "evaluation"}``.
 
     Raises:
-        ValueError: an empty train, val or test split.
-        FileExistsError: a run folder of that name exists.
+        ValueError: an empty train, val or test split; a run to resume whose config or split differs.
+        FileExistsError: a run folder of that name that is not a run's, or whose run finished.
+        pipeline.tracking_store.TrackingStoreError: the tracking store cannot take the run (before any data work).
+        pipeline.checkpoints.TrainingTerminated: SIGTERM stopped the run (its MLflow run is marked KILLED).
     """
 
     def value(key: str):
@@ -55,6 +64,9 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     set_determinism(seed=seed)
     names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
     run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
+    uri = tracking_uri()
+    check_store(uri)  # a store that cannot take the run fails now, in seconds, before any data work
+    start = plan_run(parser.get(), Path(value("output_dir")) / run_name, uri)  # new, or resumed in its folder
 
     data = prepare_data(parser)
     device = value("device")
@@ -71,13 +83,16 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     scheduler = value("lr_scheduler")
     amp = bool(value("amp")) and device.type == "cuda"
 
-    run_dir = Path(value("output_dir")) / run_name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
-    write_json_atomic(run_dir / "splits.json", data.split)
+    run_dir = start.run_dir
+    start.check_split(data.split)
+    if not start.resume:
+        start.create()
+        ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
+        write_json_atomic(run_dir / "splits.json", data.split)
 
-    with RunTracker(value("experiment_name"), run_name, tags={**names, **(tags or {})}) as tracker:
-        tracker.log_params(_params(parser, names, data, loader, run_dir, device, amp))
+    tracker = start.open_tracker(value("experiment_name"), run_name, {**names, **(tags or {})}, uri)
+    with tracker, start, stop_on_sigterm():
+        tracker.log_params(_params(parser, names, data, loader, run_dir, device, amp), skip_logged=start.resume)
         tracker.log_dataset(names["dataset"], data_fingerprint(parser), str(value("data_dir")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "splits.json")
@@ -91,10 +106,6 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",
         )
         best_saver.attach(evaluator)
-        CheckpointSaver(
-            save_dir=str(run_dir / "checkpoints"), save_dict={"network": network, "optimizer": optimizer},
-            save_final=True, final_filename="last.pt",
-        ).attach(trainer)
         tracker.engine_handler().attach(trainer)
         tracker.engine_handler().attach(evaluator)
         # the bar redraws in place: only on a terminal; validation lines are printed either way
@@ -107,10 +118,17 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             log.info(line)
 
         PeriodicValidation(evaluator, int(value("val_interval")), epochs, report).attach(trainer)
+        checkpoint = TrainingCheckpoint(  # last of the epoch's handlers: saves the epoch as finished
+            run_dir / "checkpoints" / LAST, network, optimizer, scheduler, evaluator, best_saver, loader.generator,
+            loader.dataset.transform, int(value("checkpoint_interval")))
+        checkpoint.attach(trainer)
+        if start.checkpoint is not None:
+            done = checkpoint.load(trainer, start.checkpoint)["epoch"]
+            report(f"resumed {run_dir.name} after epoch {done}/{epochs} from {start.checkpoint}")
 
-        t0 = time.time()
-        trainer.run()
-        train_s = time.time() - t0
+        if trainer.state.epoch < epochs:
+            trainer.run()
+        train_s = checkpoint.train_seconds()
 
         best = best_checkpoint(best_saver)
         if best is not None:
@@ -124,6 +142,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             tracker.set_tags({"best_checkpoint": str(best)})
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=0, checkpoint=best,
                                extra_summary=training, quiet=quiet)
+        write_record(run_dir, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     return {"run_id": tracker.run_id, "run_dir": run_dir, "results": out["results"], "table": out["table"],
             "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
             "best_checkpoint": best, "plot": out["plot"], "evaluation": out}

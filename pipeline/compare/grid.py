@@ -42,7 +42,7 @@ from pipeline.registry import check_name
 GRID_KEYS = ("name", "backbones", "seeds", "reference", "baseline", "methods")
 #: config keys that say where or how a run executes, not what it computes: left out of the key
 MACHINE_KEYS = ("output_dir", "data_dir", "cache_dir", "cache", "cache_memory_fraction", "num_workers", "device",
-                "experiment_name")
+                "experiment_name", "checkpoint_interval")
 
 
 def grid_dir(config_dir: Path | None = None) -> Path:
