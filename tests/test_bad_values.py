@@ -15,6 +15,7 @@ from pipeline.data.prepare import prepare_data
 from pipeline.engines import NonFiniteLossError
 from pipeline.training import run_training
 from tests.helpers import make_config_dir, state_dict_equal, tiny_unet_overrides, write_blob_volumes
+from tests.tracking_helpers import ready_store
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_a_key_repeated_in_a_config_file_is_refused(blobs, tmp_path):
 
 def test_a_nan_stop_keeps_the_last_good_checkpoint(blobs, tmp_path, monkeypatch):
     root, config_dir = blobs
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ready_store(tmp_path))
     overrides = {"data_dir": str(root), "output_dir": str(tmp_path / "runs"), **tiny_unet_overrides(),
                  "epochs": 3, "evaluation::noise::sigmas": []}
     # 5 iterations per epoch: NaN from iteration 7, in epoch 2, after epoch 1's checkpoint

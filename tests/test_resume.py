@@ -22,6 +22,7 @@ from pipeline.tracking import RUN_LOCK, RunTracker
 from pipeline.training import run_training
 from tests.helpers import make_config_dir, state_dict_equal, tiny_unet_overrides, write_blob_volumes
 from tests.resume_helpers import AT_ENV, MARKER_ENV, train_command
+from tests.tracking_helpers import ready_store
 
 EPOCHS = 3
 ITERATIONS_PER_EPOCH = 5  # 18 training slices of the blob data, batch 4
@@ -67,7 +68,7 @@ def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkey
 
     # the uninterrupted reference, in this process (1 thread, as the killed processes), in its own store
     assert torch.get_num_threads() == 1
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/reference.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ready_store(tmp / "reference"))
     reference = run_training(_parser(blobs), run_name="reference", quiet=True)
 
     deadline = time.time() + 300
@@ -179,7 +180,7 @@ def test_config_differences_reads_back_as_the_run_folder_does():
 
 
 def test_a_run_whose_process_is_gone_is_marked_killed_when_touched(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = ready_store(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     lock = FileLock(run_dir / RUN_LOCK).acquire()  # a live training holds its folder's lock
