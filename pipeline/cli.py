@@ -103,8 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     from pipeline.journal import sync_journal
-    from pipeline.resume import find_run_folder
-    from pipeline.tracking import tracking_uri
+    from pipeline.resume import find_run_folder, read_record
+    from pipeline.tracking import RunTracker, tracking_uri
     from pipeline.tracking_store import TrackingStoreError, check_store
 
     uri = tracking_uri()
@@ -114,7 +114,10 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = find_run_folder(args.run, uri)
-    out = sync_journal(run_dir, uri)
+    out = sync_journal(run_dir, uri)  # the final status, if it waited in the journal, is written here
+    run_id = read_record(run_dir).get("run_id")
+    if run_id:
+        RunTracker.resume(run_id, uri)  # else a run left RUNNING by a process that is gone is marked KILLED
     if not out["entries"]:
         print(f"nothing to sync: no pending MLflow writes in {run_dir}")
     else:

@@ -19,7 +19,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,22 @@ TRACKING_ERRORS = (MlflowException, OSError, sqlalchemy.exc.SQLAlchemyError, req
 #: the lock a training process holds on its run folder (:mod:`pipeline.locks`)
 RUN_LOCK = ".lock"
 
+#: MLflow's SQL store logs a traceback for each failed write
+STORE_LOGGER = "mlflow.store.db.utils"
+
 log = logging.getLogger("pipeline")
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence the logger ``name`` (below CRITICAL) within the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tracking_uri() -> str:
@@ -174,10 +190,11 @@ class RunTracker:
     reopened with :meth:`resume` keeps its status (re-evaluating a finished run does not change how its training
     ended), unless ``restart=True`` (a resumed training: RUNNING again, ended by the block).
 
-    Writes survive an outage of the store: each is tried :attr:`attempts` times, :attr:`retry_wait_s` apart; then it
-    is appended to :attr:`journal` (the run folder's ``metrics.jsonl``) and the caller goes on. For
-    :attr:`outage_s` after such a failure, writes go straight to the journal (a training loop is not slowed down by
-    a store that is down); then the store is tried again. Without a journal a failed write raises.
+    Writes survive an outage of the store: each is tried :attr:`attempts` times, :attr:`retry_wait_s` apart (once
+    when a SQLite store stayed locked through MLflow's 20 s busy timeout); then it is appended to :attr:`journal` (the
+    run folder's ``metrics.jsonl``) and the caller goes on. For :attr:`outage_s` after such a failure, writes go
+    straight to the journal (a training loop is not held up by a store that is down); then the store is tried again.
+    Without a journal a failed write raises.
 
     Args:
         experiment: the MLflow experiment name (created when missing).
@@ -190,7 +207,7 @@ class RunTracker:
     ends_run = True
     attempts = 2
     retry_wait_s = 2.0
-    outage_s = 60.0
+    outage_s = 300.0
 
     def __init__(self, experiment: str, run_name: str, uri: str | None = None, tags: dict | None = None,
                  journal: str | os.PathLike | None = None) -> None:
@@ -257,10 +274,13 @@ class RunTracker:
         error: BaseException | None = None
         for attempt in range(max(1, self.attempts)):
             try:
-                call()
+                with _quiet(STORE_LOGGER):  # one warning below instead of MLflow's traceback per attempt
+                    call()
                 return True
             except TRACKING_ERRORS as e:
                 error = e
+                if "database is locked" in str(e):  # MLflow's SQLite busy timeout (20 s) was the retry
+                    break
                 if attempt + 1 < self.attempts:
                     time.sleep(self.retry_wait_s)
         if self.journal is None:

@@ -70,6 +70,9 @@ def check_store(uri: str, wait_s: float = 10.0) -> None:
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # any store type: whatever stops it, say so in one line
+        if "error code 404" in str(e):
+            raise TrackingStoreError(f"{uri} answers, but not as an MLflow tracking server (HTTP 404 on its API): "
+                                     f"check the URI, {LOCAL_CURE}") from None
         raise TrackingStoreError(f"the MLflow tracking store {uri} cannot be used ({_reason(e)}): check the URI "
                                  f"and credentials, {LOCAL_CURE}") from None
 

@@ -15,7 +15,6 @@ from ignite.engine import Events
 import pipeline.training as training
 from pipeline import cli
 from pipeline.journal import JOURNAL, SYNCED, read_entries
-from pipeline.tracking import RunTracker
 from pipeline.tracking_store import HTTP_DEFAULTS, TrackingStoreError, check_store
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 from tests.tracking_helpers import first_run, ready_store
@@ -83,7 +82,6 @@ def test_a_store_locked_during_training_keeps_the_metrics_for_sync(blobs, tmp_pa
     db = tmp_path / "mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ready_store(tmp_path))
     monkeypatch.setattr("pipeline.config.CONFIG_DIR", blobs[1])
-    monkeypatch.setattr(RunTracker, "attempts", 1)  # each write already waits MLflow's 20 s SQLite busy timeout
     holder = []
     create_trainer = training.create_trainer
 
