@@ -13,6 +13,8 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
+import pipeline.training as training
+from pipeline import cli
 from pipeline.checkpoints import LAST, TrainingCheckpoint, random_transforms, rng_states, set_rng_states
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.engines import NonFiniteLossError
@@ -53,7 +55,7 @@ def _weights(run_dir) -> dict:
             "best_name": best.name}  # best: the bare state dict of MONAI's CheckpointSaver
 
 
-def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkeypatch):
+def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkeypatch, capsys):
     tmp, data, config_dir = blobs
     uri = f"sqlite:///{tmp}/mlruns.db"  # fresh: the two processes below are its first runs, at the same time
     env = {**os.environ, "MBLS_CONFIG_DIR": str(config_dir), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
@@ -95,7 +97,15 @@ def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkey
 
     ref = _weights(reference["run_dir"])
     for name in procs:
-        out = run_training(_parser(blobs), run_name=name, quiet=True)  # the same config and run name: resumed
+        if name == "sigkill":  # the same config and run name: resumed
+            out = run_training(_parser(blobs), run_name=name, quiet=True)
+            assert out["table"] == reference["table"] and out["posthoc_table"] == reference["posthoc_table"]
+        else:  # make train RESUME=<run name>: the run's own config
+            assert cli.main(["train", "--resume", name, "--quiet"]) == 0
+            printed = capsys.readouterr().out
+            assert reference["table"] in printed and reference["posthoc_table"] in printed
+            out = {"run_dir": tmp / "runs" / name, "run_id": run_ids[name]}
+            assert f"run folder : {out['run_dir']}" in printed and f"MLflow run : {run_ids[name]}" in printed
         assert out["run_dir"] == tmp / "runs" / name and out["run_id"] == run_ids[name]
         run = client.get_run(run_ids[name])
         assert run.info.status == "FINISHED" and "resumed" in run.data.tags
@@ -106,9 +116,29 @@ def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkey
         assert got["last"]["epoch"] == EPOCHS and got["best_name"] == ref["best_name"]
         assert state_dict_equal(got["last"]["network"], ref["last"]["network"]), name
         assert state_dict_equal(got["best"], ref["best"]), name
-        assert out["table"] == reference["table"] and out["posthoc_table"] == reference["posthoc_table"]
     with pytest.raises(FileExistsError, match="finished already"):
         run_training(_parser(blobs), run_name="sigterm", quiet=True)
+
+
+def test_a_run_stopped_in_its_evaluation_resumes_without_training_again(blobs, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ready_store(tmp_path))
+    parser = _parser(blobs, output_dir=str(tmp_path / "runs"), epochs=2)
+    evaluate_trained = training.evaluate_trained
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped during the evaluation")
+
+    monkeypatch.setattr(training, "evaluate_trained", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(parser, run_name="late", quiet=True)
+    last = tmp_path / "runs" / "late" / "checkpoints" / LAST
+    stamp = last.stat().st_mtime_ns
+    monkeypatch.setattr(training, "evaluate_trained", evaluate_trained)
+    out = run_training(_parser(blobs, output_dir=str(tmp_path / "runs"), epochs=2), run_name="late", quiet=True)
+    assert last.stat().st_mtime_ns == stamp  # nothing trained again
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    assert [m.step for m in client.get_metric_history(out["run_id"], "train/loss")] == [1, 2]
+    assert client.get_run(out["run_id"]).info.status == "FINISHED" and out["results"]["n_volumes"] == 2
 
 
 def test_a_checkpoint_holds_every_random_state_and_restores_it(blobs):
