@@ -2,12 +2,12 @@
 training cleanly.
 
 ``last.pt`` (written by :class:`TrainingCheckpoint` at the end of every ``checkpoint_interval``-th epoch and of the
-last one, atomically and flushed to disk) holds the network, optimizer and LR scheduler states, the trainer's epoch
-and iteration, the best validation metric (its epoch and the best checkpoint's file), the training time so far, and
-every random state that shapes the next epochs: torch (CPU and CUDA), NumPy, Python ``random``, the training
-loader's shuffling generator and the generator of every MONAI ``Randomizable`` augmentation transform. Loaded into a
-freshly built run (same config, same seed), the remaining epochs then give the same weights, bit for bit on a CPU
-with the same thread count, as an uninterrupted run.
+last one, atomically and flushed to disk) holds the network, optimizer, LR scheduler (and AMP grad scaler) states,
+the trainer's epoch and iteration, the best validation metric (its epoch and the best checkpoint's file), the
+training time so far, and every random state that shapes the next epochs: torch (CPU and CUDA), NumPy, Python
+``random``, the training loader's shuffling generator and the generator of every MONAI ``Randomizable``
+augmentation transform. Loaded into a freshly built run (same config, same seed), the remaining epochs then give the
+same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
 
 A checkpoint is never written from weights that are NaN or infinite (:class:`pipeline.engines.NonFiniteLossError`
 is raised instead), and nothing is written when training stops on an error: ``last.pt`` is always the last good
@@ -226,6 +226,7 @@ class TrainingCheckpoint:
             "max_epochs": int(trainer.state.max_epochs), "epoch_length": int(trainer.state.epoch_length),
             "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if getattr(trainer, "scaler", None) is None else trainer.scaler.state_dict(),
             "best": {"metric": None if ev is None else float(ev.best_metric),
                      "epoch": None if ev is None else int(ev.best_metric_epoch),
                      "saver": None if best is None else dict(best.state_dict()),
@@ -269,6 +270,8 @@ class TrainingCheckpoint:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if getattr(trainer, "scaler", None) is not None and state.get("scaler") is not None:
+            trainer.scaler.load_state_dict(state["scaler"])  # the AMP loss scale of a GPU run
         trainer.load_state_dict({"epoch": state["epoch"], "max_epochs": state["max_epochs"],
                                  "epoch_length": state["epoch_length"]})
         best = state["best"]
