@@ -42,10 +42,18 @@ $(STAMP): pyproject.toml
 
 ## train one model: make train DATASET=mni LOSS=mbls BACKBONE=unet EPOCHS=… LOSS_ARGS="margin=8" ARGS="--set seed=1"
 ##   NPROC=n: n processes on this machine (torchrun, DDP: one GPU each, or CPU processes with gloo)
+## continue a killed run from its last checkpoint: make train RESUME=<run folder | MLflow run id | run name>
 NPROC ?=
 LAUNCH = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
 train: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(LAUNCH) -m pipeline train $(SELECT) $(ARGS)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(LAUNCH) -m pipeline train \
+		$(if $(RESUME),--resume "$(RESUME)",$(SELECT)) $(ARGS)
+
+.PHONY: sync-mlflow
+## write what a run could not log while MLflow was down (its metrics.jsonl) into MLflow: make sync-mlflow RUN=<run>
+sync-mlflow: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make sync-mlflow RUN=<run folder, MLflow run id or run name>"; exit 2; }
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline sync-mlflow "$(RUN)"
 
 ## run the test suite
 test: $(STAMP)

@@ -49,12 +49,41 @@ def _print_tables(out: dict, title: str) -> None:
     print()
 
 
+def resume_parser(args: argparse.Namespace):
+    """``train --resume RUN``: the run's own saved config, with the command's explicit overrides (which must not
+    change it), and the run's name and folder."""
+    from pipeline.resume import find_run_folder
+    from pipeline.tracking import tracking_uri
+
+    run_dir = find_run_folder(args.resume, tracking_uri())
+    parser = cfg.load_run_config(run_dir / "config.yaml")
+    overrides = cfg.parse_assignments(args.overrides)
+    overrides.update(cfg.parse_assignments(args.loss_args, prefix="loss::"))
+    overrides.update({k: v for k, v in (("epochs", args.epochs), ("data_dir", args.data_dir),
+                                        ("split_file", args.split_file)) if v is not None})
+    cfg.apply_overrides(parser, {**overrides, "output_dir": str(run_dir.parent)}, f"the run's config ({run_dir})")
+    return parser, run_dir.name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.checkpoints import TrainingTerminated
+    from pipeline.tracking_store import TrackingStoreError
     from pipeline.training import run_training
 
-    parser = build_parser(args)
+    if args.resume:
+        parser, run_name = resume_parser(args)
+    else:
+        parser, run_name = build_parser(args), args.run_name
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
-    out = run_training(parser, run_name=args.run_name, quiet=args.quiet)
+    try:
+        out = run_training(parser, run_name=run_name, quiet=args.quiet)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingTerminated as e:
+        print(f"error: training {e}; the MLflow run is marked KILLED. Continue it with the same command, or "
+              f"`make train RESUME={run_name}`", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process ended by it
     if not out["primary"]:  # a torchrun process other than rank 0: rank 0 reports
         return 0
     _print_tables(out, f"Test results ({args.dataset}, loss={args.loss}, backbone={args.backbone}):")
@@ -70,6 +99,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _print_tables(out, "Test results:")
     print(f"run folder : {out['run_dir']}  (summary.md, figures, maps/, posthoc/)")
     print(f"MLflow run : {out['run_id']}  (test metrics at step {out['step']})")
+    return 0
+
+
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    from pipeline.journal import sync_journal
+    from pipeline.resume import find_run_folder, read_record
+    from pipeline.tracking import RunTracker, tracking_uri
+    from pipeline.tracking_store import TrackingStoreError, check_store
+
+    uri = tracking_uri()
+    try:
+        check_store(uri)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = find_run_folder(args.run, uri)
+    out = sync_journal(run_dir, uri)  # the final status, if it waited in the journal, is written here
+    run_id = read_record(run_dir).get("run_id")
+    if run_id:
+        RunTracker.resume(run_id, uri)  # else a run left RUNNING by a process that is gone is marked KILLED
+    if not out["entries"]:
+        print(f"nothing to sync: no pending MLflow writes in {run_dir}")
+    else:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(out["by_op"].items()))
+        print(f"synced {out['entries']} pending write(s) ({ops}) of {run_dir} into MLflow run(s) "
+              f"{', '.join(out['run_ids'])} ({uri})")
     return 0
 
 
@@ -136,9 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train, validate, test and log one run")
     _add_selection(p)
-    p.add_argument("--run-name", default=None, help="MLflow run name and run folder (default: generated)")
+    p.add_argument("--run-name", default=None,
+                   help="MLflow run name and run folder (default: generated); an existing one is resumed")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue a run (its folder, MLflow run id or name) with its own config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sync-mlflow", help="write a run's pending MLflow writes (metrics.jsonl) into MLflow")
+    p.add_argument("run", help="run folder (runs/<name>), MLflow run id or run name")
+    p.set_defaults(func=cmd_sync_mlflow)
     p = sub.add_parser("evaluate", help="evaluate a trained run on its test volumes and log into the same MLflow run")
     p.add_argument("run", help="MLflow run id or name, run folder (runs/<name>), or checkpoint file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -9,6 +9,7 @@ replaces a top-level key, ``a::b`` keys reach into nested ones, ``+key`` merges)
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,41 @@ from pipeline.registry import check_name
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(os.environ.get("MBLS_CONFIG_DIR", REPO_ROOT / "configs"))
 KINDS = ("dataset", "loss", "backbone")
+
+#: a YAML 1.2 float: ``1e6``, ``1e-3``, ``1.5e3``, ``-2E+4`` (YAML 1.1, PyYAML's dialect, reads these as strings)
+FLOAT_PATTERN = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+
+
+class NumberLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats (``1e6``, ``1e-3``) as numbers; a quoted ``"1e6"``
+    stays a string."""
+
+
+class ConfigLoader(NumberLoader):
+    """:class:`NumberLoader` that refuses a key repeated in one mapping (as MONAI's config reader does)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ValueError(f"{mark.name}, line {mark.line + 1}: the key '{key}' appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_PATTERN, list("-+.0123456789"))
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file read with :class:`ConfigLoader` (numbers such as ``1e-3`` are floats, repeated keys refused).
+
+    Raises:
+        ValueError: a key repeated in one mapping, naming the file and line.
+    """
+    with open(path) as f:
+        return yaml.load(f, ConfigLoader)
 
 
 def quiet_warnings() -> None:
@@ -44,9 +80,14 @@ def config_files(dataset: str, loss: str, backbone: str, config_dir: Path | None
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML (``3`` → int, ``0.1`` → float, ``[1, 2]`` → list, ``abc`` → str)."""
+    """A command-line value as YAML (``3`` → int, ``0.1`` and ``1e-3`` → float, ``[1, 2]`` → list, ``abc`` → str;
+    ``$``/``@`` expressions stay strings).
+
+    >>> parse_value("1e6"), parse_value("[1e-3, 2]"), parse_value("'1e6'")
+    (1000000.0, [0.001, 2], '1e6')
+    """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, NumberLoader)
     except yaml.YAMLError:
         return text
 
@@ -106,10 +147,42 @@ def load_config(
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
+    parser.read_config(merge_files(files))
     parser["dataset_name"], parser["loss_name"], parser["backbone_name"] = dataset, loss, backbone
     apply_overrides(parser, overrides)
     return parser
+
+
+def load_run_config(path: str | os.PathLike):
+    """The ``ConfigParser`` of a run's saved ``config.yaml`` (read with :func:`load_yaml`).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no run config {path}")
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(merge_files([Path(path)]))
+    return parser
+
+
+def merge_files(files: list[Path]) -> dict:
+    """The config of ``files`` merged in order as MONAI's ``ConfigParser.read_config`` merges them (a later file
+    replaces a top-level key, ``a::b`` reaches into nested ones, ``+key`` merges), each read by :func:`load_yaml`
+    so that numbers such as ``1e-3`` are floats."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import merge_kv
+
+    merged = ConfigParser(config={})
+    for f in files:
+        content = load_yaml(f) or {}
+        if not isinstance(content, dict):
+            raise ValueError(f"{f}: expected a mapping of config keys, got {type(content).__name__}")
+        for k, v in content.items():
+            merge_kv(merged, k, v)
+    return merged.get()
 
 
 def apply_overrides(parser, overrides: dict[str, Any] | None, what: str = "the config") -> None:

@@ -3,6 +3,11 @@
 data (source → validation → split → cached volumes → 2D slices) → network → loss → Ignite trainer with
 validation, best-checkpoint and MLflow handlers → test evaluation (:func:`pipeline.evaluation.evaluate_trained`:
 post-hoc calibration, metrics, analyses, reports) → table, files, MLflow.
+
+Under torchrun the same function runs in every process (:mod:`pipeline.distributed`): each trains on its share of
+the slices, rank 0 alone keeps the run folder, the MLflow run and the checkpoints, and evaluates. A run folder
+that exists is continued from its ``checkpoints/last.pt`` in the same MLflow run (:mod:`pipeline.resume`,
+:mod:`pipeline.checkpoints`); SIGTERM stops the run cleanly (MLflow status KILLED, the last checkpoint kept).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import logging
 import sys
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,14 +26,17 @@ from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
 from pipeline.accelerator import amp_dtype, configure_amp, to_channels_last
+from pipeline.checkpoints import LAST, TrainingCheckpoint, stop_on_sigterm
 from pipeline.collectives import barrier
 from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data, split_cases
 from pipeline.distributed import DistributedRun, NullTracker
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
+from pipeline.resume import plan_run, write_record
 from pipeline.runs import best_checkpoint, load_weights
-from pipeline.tracking import RunTracker, flatten, git_commit
+from pipeline.tracking import flatten, git_commit, tracking_uri
+from pipeline.tracking_store import check_store
 
 log = logging.getLogger("pipeline")
 
@@ -38,16 +47,20 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     Args:
         parser: the run's merged config (:func:`pipeline.config.load_config`).
         run_name: the run folder's and MLflow run's name (default ``<dataset>-<loss>-<backbone>-<time>-<id>``).
+            An existing run folder ``<output_dir>/<run_name>`` is resumed (same config required).
         quiet: no progress bar and no per-validation lines.
         tags: extra MLflow tags of the run (e.g. ``mlflow.parentRunId`` for a run of a comparison).
 
     Returns:
-        ``{"run_id", "run_dir", "results", "table", "posthoc_table", "noise_table", "best_checkpoint", "plot",
-        "evaluation"}``.
+        ``{"run_id", "run_dir", "primary", "results", "table", "posthoc_table", "noise_table", "best_checkpoint",
+        "plot", "evaluation"}``; a torchrun process other than rank 0 returns ``{"run_id": None, "run_dir",
+        "primary": False}`` after training.
 
     Raises:
-        ValueError: an empty train, val or test split.
-        FileExistsError: a run folder of that name exists.
+        ValueError: an empty train, val or test split; a run to resume whose config or split differs.
+        FileExistsError: a run folder of that name that is not a run's, or whose run finished.
+        pipeline.tracking_store.TrackingStoreError: the tracking store cannot take the run (before any data work).
+        pipeline.checkpoints.TrainingTerminated: SIGTERM stopped the run (its MLflow run is marked KILLED).
     """
 
     def value(key: str):
@@ -59,6 +72,13 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
     dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
     run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
+    uri = tracking_uri()
+    start = None
+    if dist.is_primary:
+        check_store(uri)  # a store that cannot take the run fails now, in seconds, before any data work
+        start = plan_run(parser.get(), Path(value("output_dir")) / run_name, uri)  # new, or resumed in its folder
+    # every process continues from the same checkpoint (rank 0 decides)
+    resume_from = dist.same_text(str(start.checkpoint) if start is not None and start.checkpoint else "")
     dist.rank_zero_first(lambda: split_cases(parser))  # a source writing its files on first use (mni) writes once
 
     data = prepare_data(parser, dist.share, dist.local_world_size)
@@ -78,15 +98,19 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     scheduler = value("lr_scheduler")
     amp = bool(value("amp")) and device.type == "cuda"
 
-    run_dir = Path(value("output_dir")) / run_name
-    if dist.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml", sort_keys=False)
-        write_json_atomic(run_dir / "splits.json", data.split)
-
-    tracker_cls = RunTracker if dist.is_primary else NullTracker
-    with tracker_cls(value("experiment_name"), run_name, tags={**names, **(tags or {})}) as tracker:
-        tracker.log_params({**_params(parser, names, data, loader, run_dir, device, amp), **dist.params()})
+    run_dir = start.run_dir if start is not None else (Path(value("output_dir")) / run_name).resolve()
+    tracker = NullTracker()
+    if start is not None:
+        start.check_split(data.split)
+        if not start.resume:
+            start.create()
+            ConfigParser.export_config_file(parser.get(), str(run_dir / "config.yaml"), fmt="yaml",
+                                            sort_keys=False)
+            write_json_atomic(run_dir / "splits.json", data.split)
+        tracker = start.open_tracker(value("experiment_name"), run_name, {**names, **(tags or {})}, uri)
+    with tracker, start or nullcontext(), stop_on_sigterm():
+        tracker.log_params({**_params(parser, names, data, loader, run_dir, device, amp), **dist.params()},
+                           skip_logged=start is not None and start.resume)
         tracker.log_dataset(names["dataset"], data_fingerprint(parser), str(value("data_dir")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "splits.json")
@@ -106,10 +130,6 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",
         )
         best_saver.attach(evaluator)
-        CheckpointSaver(
-            save_dir=str(run_dir / "checkpoints"), save_dict={"network": network, "optimizer": optimizer},
-            save_final=True, final_filename="last.pt",
-        ).attach(trainer)
         tracker.engine_handler().attach(trainer)
         tracker.engine_handler().attach(evaluator)
         # the bar redraws in place: only on a terminal; validation lines are printed either way
@@ -122,10 +142,19 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             log.info(line)
 
         PeriodicValidation(evaluator, int(value("val_interval")), epochs, report).attach(trainer)
+        checkpoint = TrainingCheckpoint(  # the last of the epoch's handlers: it saves the epoch as finished
+            run_dir / "checkpoints" / LAST, network, optimizer, scheduler, evaluator, best_saver,
+            getattr(loader, "generator", None), getattr(loader.dataset, "transform", None),
+            int(value("checkpoint_interval")))
+        if dist.is_primary:  # rank 0 writes; every process loads when a run continues
+            checkpoint.attach(trainer)
+        if resume_from:
+            done = checkpoint.load(trainer, resume_from)["epoch"]
+            report(f"resumed {run_dir.name} after epoch {done}/{epochs} from {resume_from}")
 
-        t0 = time.time()
-        trainer.run()
-        train_s = time.time() - t0
+        if trainer.state.epoch < epochs:
+            trainer.run()
+        train_s = checkpoint.train_seconds()
         if not dist.finish_training():  # rank 0 alone goes on to post-hoc fitting, test evaluation and reports
             return {"run_id": None, "run_dir": run_dir, "primary": False}
 
@@ -141,9 +170,9 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             tracker.set_tags({"best_checkpoint": str(best)})
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=0, checkpoint=best,
                                extra_summary=training, quiet=quiet)
+        write_record(run_dir, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     return {"run_id": tracker.run_id, "run_dir": run_dir, "primary": True, "results": out["results"],
-            "table": out["table"],
-            "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
+            "table": out["table"], "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
             "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
 
 

@@ -40,23 +40,38 @@ CACHE_MODES = ("memory", "disk", "auto")
 _DISK_FORMAT = 1
 
 
-class CheckFinited(Transform):
-    """Stop with the case's id and file when an image holds NaN or infinite values (run on each volume once, after
-    its preprocessing, outside MONAI's ``Compose`` so that the error reaches the user as it is)."""
+class NonFiniteImageError(ValueError):
+    """Images with NaN or infinite values after preprocessing; the message names every such case.
 
-    def __init__(self, keys: Sequence[str] = ("image",)) -> None:
-        self.keys = tuple(keys)
+    Args:
+        problems: one line per bad image (:func:`non_finite_problems`), kept as :attr:`problems`.
+    """
 
-    def __call__(self, data: dict) -> dict:
-        for k in self.keys:
-            t = data.get(k)
-            if isinstance(t, torch.Tensor) and not torch.isfinite(plain(t)).all():
-                n = int((~torch.isfinite(plain(t))).sum())
-                raise ValueError(
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(self.problems[0] if len(self.problems) == 1 else
+                         f"{len(self.problems)} images hold NaN or infinite values after preprocessing:\n  "
+                         + "\n  ".join(self.problems))
+
+
+def non_finite_problems(data: dict, keys: Sequence[str] = ("image",)) -> list[str]:
+    """One line per tensor of ``data`` under ``keys`` that holds NaN or infinite values (empty when all finite)."""
+    problems = []
+    for k in keys:
+        t = data.get(k)
+        if isinstance(t, torch.Tensor):
+            n = int((~torch.isfinite(plain(t))).sum())
+            if n:
+                problems.append(
                     f"case {data.get('id', '?')}: {n} NaN or infinite value(s) in '{k}' after preprocessing "
-                    f"({getattr(data[k], 'meta', {}).get('filename_or_obj', 'file unknown')})"
-                )
-        return data
+                    f"({getattr(data[k], 'meta', {}).get('filename_or_obj', 'file unknown')})")
+    return problems
+
+
+def raise_non_finite(problems: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteImageError` listing every problem at once (nothing when ``problems`` is empty)."""
+    if problems:
+        raise NonFiniteImageError(problems)
 
 
 class SliceMajord(Transform):
@@ -189,10 +204,10 @@ class DiskVolumeCache(Dataset):
         todo = [i for i, p in enumerate(self.paths) if not p.is_file()]
         if num_workers and len(todo) > 1:
             with ThreadPoolExecutor(num_workers) as pool:
-                list(pool.map(self._prepare, todo))
+                problems = list(pool.map(self._prepare, todo))
         else:
-            for i in todo:
-                self._prepare(i)
+            problems = [self._prepare(i) for i in todo]
+        raise_non_finite([p for found in problems for p in found])  # every bad case named at once
         self.index = [torch.load(p, mmap=True, weights_only=True)["index"] for p in self.paths]
 
     def _hash(self, case: dict, key: str) -> str:
@@ -206,8 +221,12 @@ class DiskVolumeCache(Dataset):
                            "format": _DISK_FORMAT}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
-    def _prepare(self, i: int) -> None:
-        item = CheckFinited()(self.transform(dict(self.cases[i])))
+    def _prepare(self, i: int) -> list[str]:
+        """Preprocess case ``i`` into its file; returns its NaN/Inf problems instead (and writes nothing)."""
+        item = self.transform(dict(self.cases[i]))
+        problems = non_finite_problems(item)
+        if problems:
+            return problems
         axis = self.slice_axis + 1
         tensors, meta, other = {}, {}, {}
         for k, v in item.items():
@@ -224,6 +243,7 @@ class DiskVolumeCache(Dataset):
         nonempty = [] if label is None else label.reshape(label.shape[0], -1).amax(1).gt(0).tolist()
         index = {"n_slices": int(next(iter(tensors.values())).shape[0]), "nonempty": nonempty}
         save_torch_atomic({"tensors": tensors, "meta": meta, "other": other, "index": index}, self.paths[i])
+        return []
 
     def _load(self, i: int) -> dict:
         if i in self._open:
@@ -278,8 +298,8 @@ def volume_dataset(
 ) -> Dataset:
     """The preprocessed volumes of ``cases``, cached in memory (``CacheDataset``, ``copy_cache=False``: consumers
     must not mutate; laid out slice-major along ``slice_axis`` by :class:`SliceMajord`) or on disk
-    (:class:`DiskVolumeCache` in ``cache_dir``). Images with NaN or infinite values stop the preparation with the
-    case's id."""
+    (:class:`DiskVolumeCache` in ``cache_dir``). Images with NaN or infinite values stop the preparation with one
+    :class:`NonFiniteImageError` naming every such case."""
     transform = _compose(preprocess)
     if cache == "disk":
         if cache_dir is None:
@@ -291,9 +311,7 @@ def volume_dataset(
         data=list(cases), transform=Compose([*transform.transforms, SliceMajord(slice_axis)]), cache_rate=1.0,
         num_workers=num_workers or None, copy_cache=False, as_contiguous=False, progress=False,
     )
-    check = CheckFinited()
-    for i in range(len(ds)):
-        check(ds[i])
+    raise_non_finite([p for i in range(len(ds)) for p in non_finite_problems(ds[i])])
     return ds
 
 

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.loading import available_memory, choose_cache, estimate_cache_bytes, volume_dataset
+from pipeline.data.loading import (
+    NonFiniteImageError,
+    available_memory,
+    choose_cache,
+    estimate_cache_bytes,
+    raise_non_finite,
+    volume_dataset,
+)
 from pipeline.data.sources import SPLITS, InvalidDatasetError, load_split_file
 
 log = logging.getLogger("pipeline")
@@ -130,6 +137,7 @@ def prepare_data(parser, share: Callable[[str, list[dict]], list[dict]] | None =
     Raises:
         pipeline.data.sources.DatasetNotFoundError: no data where the config points.
         pipeline.data.sources.InvalidDatasetError: every problem found in the data, one per line.
+        pipeline.data.loading.NonFiniteImageError: every image with NaN or infinite values after preprocessing.
     """
     dataset = parser.get_parsed_content("dataset")
     source = dataset["source"]
@@ -158,6 +166,12 @@ def prepare_data(parser, share: Callable[[str, list[dict]], list[dict]] | None =
     cache_dir = parser.get_parsed_content("cache_dir") if mode == "disk" else None
     slice_axis = int(dataset.get("slice_axis", 2))
     key = _preprocess_key(parser) if mode == "disk" else ""
-    volumes = {k: volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
-               for k, v in cached.items() if v}
+    volumes, bad = {}, []
+    for k, v in cached.items():
+        if v:
+            try:
+                volumes[k] = volume_dataset(v, preprocess, workers, mode, cache_dir, slice_axis, key)
+            except NonFiniteImageError as e:  # go on: every bad image of every split is named at once
+                bad += e.problems
+    raise_non_finite(bad)
     return PreparedData(dataset, parts, split, volumes, origin, mode, estimate)
