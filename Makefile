@@ -137,3 +137,11 @@ compare: $(STAMP)
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SHARD),--shard $(SHARD)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKBONES),--backbones $(BACKBONES)) \
 		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(ARGS)
+
+.PHONY: screenshots
+## PNGs of a comparison in the MLflow UI (runs table, compare view) for the README, by a headless Chromium:
+##   make screenshots [RUN=<parent run id | comparison id, e.g. mni/paper>] [OUT=docs/img]
+##   needs (not installed by `make install`): apt-get install -y chromium && .venv/bin/pip install playwright
+screenshots: $(STAMP)
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.compare.screenshots $(if $(RUN),--run "$(RUN)") \
+		$(if $(OUT),--out "$(OUT)") $(ARGS)
