@@ -93,11 +93,13 @@ def test_every_shipped_grid_loads():
     assert load_grid("paper")["profile"]["augment"] == [] and load_grid("paper")["profile"]["epochs"] == 100
 
 
-def test_selection_and_rerun_skips(single):
+def test_selection_and_rerun_skips(setup, single):
     first, again = single
     assert len(first["trained"]) == 8 and not first["failed"] and not first["skipped"]
     assert again["trained"] == [] and len(again["skipped"]) == 8  # found in the store, not retrained
     assert report_text(first) == report_text(again)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{setup[0]}/single.db")
+    assert client.get_run(first["parent_run_id"]).info.status == "FINISHED"  # every run of the grid finished
     summary = json.loads((first["report"].parent / "summary.json").read_text())
     chosen = {(r["method"], r["setting"]) for r in summary["selection"]}
     scores = {(r["method"], r["setting"]): r["val_mean"] for r in summary["settings"]}
@@ -132,6 +134,8 @@ def test_two_shards_and_a_killed_shard_give_the_same_report(setup, single, monke
     first, _ = single
     one = compare(setup, "sharded", monkeypatch, shard_spec="1/2")
     assert len(one["trained"]) == 4
+    client = mlflow.MlflowClient()
+    assert client.get_run(one["parent_run_id"]).info.status == "RUNNING"  # the other shard's runs are missing
 
     calls = {"n": 0}
     real = runner.run_training
@@ -146,7 +150,6 @@ def test_two_shards_and_a_killed_shard_give_the_same_report(setup, single, monke
     with pytest.raises(KeyboardInterrupt):
         compare(setup, "sharded", monkeypatch, shard_spec="2/2")
     monkeypatch.setattr(runner, "run_training", real)
-    client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(runner.EXPERIMENT)
     statuses = sorted(r.info.status for rs in child_runs(client, exp.experiment_id, one["parent_run_id"]).values()
                       for r in rs)

@@ -62,6 +62,15 @@ def report_grid(grid: dict, dataset: str, parser, seeds: list[int], epochs: int 
     }
 
 
+def parent_status(runs, expected: int) -> str | None:
+    """The parent run's status once its report is written: FINISHED when every run of the grid finished, FAILED when
+    every run has been tried and some failed; ``None`` (left RUNNING) while runs are missing (other shards)."""
+    finished = int((runs["status"] == "FINISHED").sum()) if len(runs) else 0
+    if finished == expected:
+        return "FINISHED"
+    return "FAILED" if len(runs) == expected else None
+
+
 def train_one(spec: RunSpec, dataset: str, machine: dict, tags: dict, config_dir: str | None, quiet: bool) -> dict:
     """Train one run of the comparison as a child run; never raises for a failed training (it is recorded)."""
     parser = resolved_config(spec, dataset, Path(config_dir) if config_dir else None, machine)
@@ -166,6 +175,9 @@ def run_comparison(
     for f in sorted(folder.iterdir()):
         if f.is_file():
             client.log_artifact(parent, str(f), "report")
+    status = parent_status(runs, len(specs))
+    if status is not None:
+        client.set_terminated(parent, status)
     say(f"report: {path}")
     return {"report": path, "parent_run_id": parent, "trained": trained, "skipped": skipped, "failed": failed,
             "specs": specs}
