@@ -57,7 +57,9 @@ def test_clause_wording_follows_the_numbers():
                                                    "[-0.0040, +0.0020], Holm p = 0.001")
     not_significant = SimpleNamespace(metric="cece", n_pairs=15, diff=-0.01, ci_low=-0.02, ci_high=-0.001,
                                       p_holm=0.2)
-    assert clause(not_significant, "CE", "MbLS").startswith("no detectable difference in CECE")
+    assert clause(not_significant, "CE", "MbLS") == (  # the interval excludes 0, the corrected test does not agree
+        "a CECE difference that the corrected test does not confirm (MbLS − CE = -0.0100 [-0.0200, -0.0010], "
+        "Holm p = 0.2)")
     empty = SimpleNamespace(metric="ece", n_pairs=0, diff=math.nan, ci_low=math.nan, ci_high=math.nan,
                             p_holm=math.nan)
     assert "no pair" in clause(empty, "CE", "MbLS")

@@ -2,8 +2,10 @@
 line.
 
 A difference is reported as detected only when its Holm-corrected Wilcoxon p-value is below ``alpha`` (0.05) AND
-its bootstrap 95 % interval excludes 0; otherwise the sentence says "no detectable difference" and gives the
-numbers. The verdict never states more than the table it comes from.
+its bootstrap 95 % interval excludes 0; an interval that excludes 0 without the corrected test reaching ``alpha``
+is "a difference that the corrected test does not confirm" (with few pairs the smallest attainable p-value, times
+the number of tests, may stay above ``alpha``); otherwise the sentence says "no detectable difference". Each gives
+the numbers. The verdict never states more than the table it comes from.
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ def clause(row, other_label: str, ref_label: str, alpha: float = ALPHA, n_pairs:
             verb, lo, hi = "raises", row.ci_low, row.ci_high
         return (f"{verb} {metric} by {fmt(abs(row.diff), 4)} [{fmt(lo, 4)}, {fmt(hi, 4)}] "
                 f"(Holm p = {fmt_p(row.p_holm)}{own})")
-    return (f"no detectable difference in {metric} ({ref_label} − {other_label} = {row.diff:+.4f} "
-            f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}], Holm p = {fmt_p(row.p_holm)}{own})")
+    numbers = (f"{ref_label} − {other_label} = {row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], "
+               f"Holm p = {fmt_p(row.p_holm)}{own}")
+    if finite(row.ci_low) and finite(row.ci_high) and (row.ci_low > 0 or row.ci_high < 0):
+        # the interval excludes 0 but the corrected test does not reach alpha (e.g. too few pairs for the family)
+        return f"a {metric} difference that the corrected test does not confirm ({numbers})"
+    return f"no detectable difference in {metric} ({numbers})"
 
 
 def verdict_paragraph(comparison: pd.DataFrame, selection: pd.DataFrame, runs: pd.DataFrame, grid: dict,
