@@ -48,7 +48,8 @@ def clause(row, other_label: str, ref_label: str, alpha: float = ALPHA, n_pairs:
                f"Holm p = {fmt_p(row.p_holm)}{own}")
     if finite(row.ci_low) and finite(row.ci_high) and (row.ci_low > 0 or row.ci_high < 0):
         # the interval excludes 0 but the corrected test does not reach alpha (e.g. too few pairs for the family)
-        return f"a {metric} difference that the corrected test does not confirm ({numbers})"
+        article = "an" if metric[:1] in "AEFHILMNORSX" else "a"  # spelt letter by letter: "an ECE", "a DSC"
+        return f"{article} {metric} difference that the corrected test does not confirm ({numbers})"
     return f"no detectable difference in {metric} ({numbers})"
 
 
