@@ -27,9 +27,6 @@ import torch
 from pipeline.config import load_config
 from pipeline.losses import LOSSES, build_loss, logit_distances
 
-#: the speed target of the project: MbLS at most this many times the cost of CE
-MBLS_TARGET = 1.3
-
 
 def time_loss(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int, warmup: int) -> float:
     """Mean seconds of one ``loss_fn(logits, labels).backward()`` over ``iters`` passes after ``warmup`` passes."""
@@ -156,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['ms']:.2f} | {r['ratio']:.2f} |")
-    ratio = results["mbls"]["ratio"]
-    verdict = "ok" if ratio <= MBLS_TARGET else "ABOVE TARGET"
-    print(f"\nmbls / ce = {ratio:.2f} (target <= {MBLS_TARGET}): {verdict}")
+    print(f"\nmbls / ce = {results['mbls']['ratio']:.2f} for the loss alone")
     if args.step_repeats > 0:
         st = training_step_times(args.step_repeats, args.step_iters, device=args.device)
         print(f"\ntraining step of the default run (UNet, Adam, input {st['input']}), median of {args.step_repeats} "
