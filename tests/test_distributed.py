@@ -39,6 +39,16 @@ RUNS = {
 SPLIT = {"train": ["case00", "case01"], "val": ["case02", "case03", "case04"], "test": ["case05"]}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The processes these tests compare with run with one thread (OMP_NUM_THREADS=1): so does this process while
+    it computes the reference, since the thread count changes the rounding of convolutions."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both torchrun runs: ``{backbone: {"dir", "uri", "overrides", "config_dir", "data", "ranks": [records]}}``."""
