@@ -32,14 +32,8 @@ LOSS = {"_target_": "tests.resume_helpers.StallingCrossEntropy"}
 CHEAP_EVALUATION = {"evaluation::noise::sigmas": [0.0], "evaluation::lts::iterations": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The processes these tests compare with run with one thread (OMP_NUM_THREADS=1): so does this process while
-    it computes the reference, since the thread count changes the rounding of convolutions."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the processes these tests compare with run with one thread: so does the reference computed here
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
