@@ -1,7 +1,7 @@
 """The training objectives of the MbLS pipeline in plain autograd, for a bundle's ``configs/train.json``.
 
-Each class computes the same value and gradient as the pipeline's loss of the same name (the pipeline's MbLS
-fuses CE and penalty into one autograd function for speed; here they are two plain terms). Every loss takes logits
+Each class computes the same value and gradient as the pipeline's loss of the same name (the pipeline's tests
+check it); a bundle cannot import the pipeline, so the formulas are written out here. Every loss takes logits
 ``B×K×spatial`` (class axis 1) and integer labels ``B×1×spatial`` or ``B×spatial`` (MONAI style: float tensors of
 whole numbers are fine) and returns one scalar; half-precision logits are computed on in float32.
 
