@@ -66,6 +66,8 @@ def make_data(grid: dict, n_volumes: int = 3, ece_shift: float = 0.0, seed: int 
                         row[f"test/noise_{sigma:g}/dsc"] = row["test/dsc"] - 2 * sigma
                         row[f"test/noise_{sigma:g}/ece"] = row["test/ece"] + sigma
                         row[f"test/noise_{sigma:g}/cece"] = row["test/cece"] + sigma
+                    row["test/logits/distance_mean"] = 4 + 20 * row["test/ece"]
+                    row["test/logits/distance_max"] = 10 + 10 * row["test/dsc"]
                     runs.append(row)
                     vols.append(v)
     return pd.DataFrame(runs), pd.concat(vols, ignore_index=True)

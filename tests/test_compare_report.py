@@ -128,6 +128,17 @@ def test_same_input_in_another_order_gives_identical_files(report, tmp_path):
         assert (tmp_path / name).read_bytes() == (report["folder"] / name).read_bytes(), name
 
 
+def test_fig4_caption_gives_the_logit_distances_of_the_selected_runs(report):
+    runs, md = report["runs"], report["md"]
+    fin = runs[runs["status"] == "FINISHED"]
+    selected = {r["method"]: r["setting"] for r in report["summary"]["selection"]}
+    caption = next(line for line in md.splitlines() if line.startswith("**Fig. 4"))
+    for method, label in (("ls", "LS"), ("mbls", "MbLS")):
+        g = fin[(fin["method"] == method) & (fin["setting"] == selected[method])]
+        expected = " / ".join(_mean_std(g[f"test/logits/distance_{k}"], 1) for k in ("mean", "max"))
+        assert f"{label} {expected}" in caption
+
+
 def test_two_backbones_without_extras_say_which_figures_are_skipped(tmp_path):
     grid = make_grid(backbones=("unet", "attunet"))
     runs, vols = make_data(grid, seed=1)
