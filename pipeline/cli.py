@@ -164,13 +164,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare.grid import parse_seeds
     from pipeline.compare.runner import run_comparison
 
     overrides = cfg.parse_assignments(args.overrides)
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     out = run_comparison(
-        args.dataset, args.grid, seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        args.dataset, args.grid, seeds=parse_seeds(args.seeds) if args.seeds else None,
         jobs=args.jobs, shard_spec=args.shard, epochs=args.epochs, report_only=args.report == "only",
         backbones=args.backbones.split(",") if args.backbones else None, overrides=overrides)
     print(f"MLflow parent run: {out['parent_run_id']} (make ui: experiment 'compare')")
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="train a comparison grid (resumable, shardable) and write its report")
     p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")
     p.add_argument("--grid", default="paper", help="configs/compare/<name>.yaml or a grid file (default: paper)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the grid's)")
+    p.add_argument("--seeds", default=None, help="seeds: 0-9, 0,1,2 or 0-4,7 (default: the grid's)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once on this machine (default 1)")
     p.add_argument("--shard", default=None, help="i/n: train the i-th of n shares of the grid (default: all)")
     p.add_argument("--epochs", type=int, default=None, help="replace the grid's epochs (a quick look)")

@@ -159,6 +159,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             return {"run_id": None, "run_dir": run_dir, "primary": False}
 
         best = best_checkpoint(best_saver)
+        last_state = {k: v.detach().clone() for k, v in network.state_dict().items()}  # the last epoch's weights
         if best is not None:
             load_weights(network, best)
         training = {"best_val_dsc": float(evaluator.state.best_metric),
@@ -169,7 +170,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
             tracker.log_artifact(best, "checkpoints")
             tracker.set_tags({"best_checkpoint": str(best)})
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=0, checkpoint=best,
-                               extra_summary=training, quiet=quiet)
+                               extra_summary=training, last_state=last_state, quiet=quiet)
         write_record(run_dir, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     return {"run_id": tracker.run_id, "run_dir": run_dir, "primary": True, "results": out["results"],
             "table": out["table"], "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],

@@ -88,7 +88,7 @@ def test_grid_expansion_keys_and_shards(setup):
 
 def test_every_shipped_grid_loads():
     sizes = {name: len(expand(load_grid(name))) for name in ("paper", "augmented", "penalties", "backbones")}
-    assert sizes == {"paper": 75, "augmented": 45, "penalties": 55, "backbones": 24}
+    assert sizes == {"paper": 150, "augmented": 90, "penalties": 110, "backbones": 24}
     assert load_grid("augmented")["profile"].get("augment") is None  # the base config's augmentation applies
     assert load_grid("paper")["profile"]["augment"] == [] and load_grid("paper")["profile"]["epochs"] == 100
 

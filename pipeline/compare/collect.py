@@ -64,6 +64,37 @@ def child_runs(client, experiment_id: str, parent_id: str) -> dict[str, list]:
     return out
 
 
+def finished_elsewhere(client, experiment_id: str, parent_id: str) -> dict[str, list]:
+    """Key → the FINISHED runs of the experiment with that key that are not children of ``parent_id``: the same
+    training (same resolved config, seed and data) done for another comparison, which this one reuses."""
+    out: dict[str, list] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        for r in page:
+            key = r.data.tags.get("compare.key")
+            if key and r.data.tags.get("mlflow.parentRunId") != parent_id:
+                out.setdefault(key, []).append(r)
+        token = page.token
+        if not token:
+            break
+    for runs in out.values():
+        runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))  # the oldest: the same every time
+    return out
+
+
+def with_reused(children: dict[str, list], elsewhere: dict[str, list], keys) -> dict[str, list]:
+    """``children`` completed, for each of ``keys`` without a finished child, by a finished run of that key from
+    another comparison (put first, so that it is the attempt the report reads)."""
+    out = {k: list(v) for k, v in children.items()}
+    for key in keys:
+        if any(r.info.status == "FINISHED" for r in out.get(key, [])) or key not in elsewhere:
+            continue
+        out[key] = [elsewhere[key][0], *out.get(key, [])]
+    return out
+
+
 def best_attempt(attempts: list):
     """The finished attempt if any, else the newest."""
     finished = [r for r in attempts if r.info.status == "FINISHED"]
@@ -131,10 +162,16 @@ def collect(client, specs: list[RunSpec], children: dict[str, list]) -> tuple[pd
                    "order": spec.order, "seed": spec.seed, "run_id": run.info.run_id,
                    "epochs": int(run.data.params.get("epochs", spec.overrides.get("epochs", 0)))}
             if run.info.status == "FINISHED":
-                row.update({k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "val/"))})
+                row.update({k: v for k, v in run.data.metrics.items()
+                            if k.startswith(("test/", "val/", "test_last/"))})
                 csv = _artifact(client, run, "per_volume.csv", Path(tmp) / spec.key)
                 if csv is not None:
-                    volumes.append(pd.read_csv(csv, dtype={"id": str}).assign(key=spec.key))
+                    table = pd.read_csv(csv, dtype={"id": str})
+                    last = _artifact(client, run, "per_volume_last.csv", Path(tmp) / spec.key)
+                    if last is not None:  # the last epoch's weights: columns last_<metric>
+                        last_table = pd.read_csv(last, dtype={"id": str}).set_index("id").add_prefix("last_")
+                        table = table.join(last_table, on="id")
+                    volumes.append(table.assign(key=spec.key))
                 extras[spec.key] = _figure_extras(_artifact(client, run, "figure_data.npz", Path(tmp) / spec.key))
             rows.append(row)
     runs = pd.DataFrame(rows)

@@ -147,6 +147,28 @@ class RunSpec:
                 "compare.hp_value": "" if self.hp_value is None else repr(float(self.hp_value))}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"``, ``"0,1,2"`` or ``"0-4,7"`` → the seeds in that order, each once.
+
+    Raises:
+        ValueError: anything but whole numbers and ascending ranges, naming the part.
+
+    >>> parse_seeds("0-3,7")
+    [0, 1, 2, 3, 7]
+    """
+    seeds: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            values = range(int(lo), int(hi) + 1) if dash else [int(part)]
+        except ValueError:
+            raise ValueError(f"SEEDS: {part!r} is not a whole number or a range like 0-9 (got {text!r})") from None
+        if dash and int(hi) < int(lo):
+            raise ValueError(f"SEEDS: the range {part!r} is empty (got {text!r})")
+        seeds += [v for v in values if v not in seeds]
+    return seeds
+
+
 def expand(grid: dict, seeds: list[int] | None = None, epochs: int | None = None,
            backbones: list[str] | None = None) -> list[RunSpec]:
     """Every run of ``grid`` (backbone × method × setting × seed, in that order), keys not yet set.

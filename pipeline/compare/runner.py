@@ -2,8 +2,9 @@
 
 1. The grid (:mod:`pipeline.compare.grid`) expands into runs, each keyed by its resolved config, seed and data.
 2. One MLflow parent run stands for the comparison (dataset, grid, epochs); every training is a child run of it.
-3. This shard's runs (``SHARD=i/n``) that have no finished child are trained, ``JOBS`` at a time (one GPU each
-   where there are GPUs, the CPU threads divided otherwise); a failed run is recorded and the others go on; a run
+3. This shard's runs (``SHARD=i/n``) that have no finished child are trained (a finished run of the same key made
+   for another comparison of the experiment — same resolved config, seed and data — is reused, not retrained),
+   ``JOBS`` at a time (one GPU each where there are GPUs, the CPU threads divided otherwise); a failed run is recorded and the others go on; a run
    left RUNNING by a dead process is marked KILLED and trained again.
 4. The report is built from whatever the store holds for the grid (all shards): ``reports/<dataset>/<grid>/``, and
    logged to the parent run.
@@ -21,7 +22,14 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.compare.collect import child_runs, collect, find_or_create_parent, is_stale
+from pipeline.compare.collect import (
+    child_runs,
+    collect,
+    find_or_create_parent,
+    finished_elsewhere,
+    is_stale,
+    with_reused,
+)
 from pipeline.compare.grid import RunSpec, expand, load_grid, parse_shard, resolved_config, run_key, shard
 from pipeline.compare.report import write_report
 from pipeline.config import REPO_ROOT, quiet_warnings
@@ -147,9 +155,15 @@ def run_comparison(
     say(f"comparison {comparison}: {len(specs)} runs in the grid; MLflow parent run {parent} (experiment "
         f"'{EXPERIMENT}', {uri})")
 
+    keys = [s.key for s in specs]
+
+    def children_now() -> dict[str, list]:  # this comparison's runs, and finished runs of the same key elsewhere
+        return with_reused(child_runs(client, experiment_id, parent), finished_elsewhere(client, experiment_id, parent),
+                           keys)
+
     trained, skipped, failed = [], [], []
     if not report_only:
-        children = child_runs(client, experiment_id, parent)
+        children = children_now()
         todo = []
         for s in shard(specs, i, n):
             attempts = children.get(s.key, [])
@@ -166,7 +180,7 @@ def run_comparison(
         trained = [r["key"] for r in results if r["status"] == "FINISHED"]
         failed = [r for r in results if r["status"] != "FINISHED"]
 
-    runs, volumes, extras = collect(client, specs, child_runs(client, experiment_id, parent))
+    runs, volumes, extras = collect(client, specs, children_now())
     folder = report_folder(dataset, g, epochs, reports_root)
     described = report_grid(g, dataset, first, [*dict.fromkeys(s.seed for s in specs)], epochs, backbones)
     with building_folder(folder) as tmp:  # a report is replaced whole: no figure of an earlier one stays behind

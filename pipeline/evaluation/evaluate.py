@@ -35,6 +35,7 @@ from pipeline import report
 from pipeline.data.loading import volume_loader
 from pipeline.data.prepare import PreparedData
 from pipeline.engines import create_evaluator, run_engine
+from pipeline.evaluation.last import LAST_PREFIX, evaluate_last_weights
 from pipeline.evaluation.maps import ConfidenceMapWriter
 from pipeline.evaluation.noise import noise_sweep
 from pipeline.evaluation.results import jsonable, mlflow_metrics, summarise
@@ -78,6 +79,7 @@ def evaluate_trained(
     checkpoint: str | Path | None = None,
     extra_summary: Mapping | None = None,
     settings: Mapping | None = None,
+    last_state: Mapping | None = None,
     quiet: bool = False,
 ) -> dict:
     """Evaluate a trained ``network`` on the test volumes of ``data`` and write every report into ``run_dir`` (and
@@ -95,6 +97,8 @@ def evaluate_trained(
         extra_summary: entries added to ``metrics.json`` (e.g. the training's best validation DSC).
         settings: the ``evaluation`` settings (default: the config's block, completed by
             :func:`pipeline.evaluation.settings.evaluation_settings`).
+        last_state: the last training epoch's weights; with the ``last_weights`` setting they are scored on the
+            test volumes too (:mod:`pipeline.evaluation.last`).
 
     Returns:
         ``{"results", "table", "posthoc_table", "noise_table", "files", "maps", "posthoc", "timings", "plot",
@@ -165,11 +169,22 @@ def evaluate_trained(
                                        regions=list(regions.values()) or None)
     timings["noise_s"] = time.time() - t0
 
+    # 3b. the last epoch's weights (checkpoint sensitivity)
+    t0 = time.time()
+    if settings["last_weights"] and last_state is not None:
+        say("scoring the last epoch's weights on the test volumes ...")
+        results["last"] = evaluate_last_weights(
+            network, last_state, volume_loader(data.volumes["test"]), device, class_names, test_ids, slice_axis,
+            n_bins, amp, list(regions), list(regions.values()) or None)
+    timings["last_s"] = time.time() - t0
+
     # 4. reports
     t0 = time.time()
     label = f"{names['loss']} · {names['backbone']} · {names['dataset']}"
     files = _figures(results, methods, maps.rows, run_dir, label)
     report.write_per_volume_csv(run_dir / "per_volume.csv", results["per_volume"])
+    if results.get("last"):
+        report.write_per_volume_csv(run_dir / "per_volume_last.csv", results["last"]["per_volume"])
     figure_data = write_figure_data(run_dir / "figure_data.npz", results, methods, maps.rows)
     table = report.results_table(results)
     ptable = report.posthoc_table(results) if calibrators else ""
@@ -191,8 +206,12 @@ def evaluate_trained(
         for name, d in posthoc.items():
             metrics.update({f"posthoc/{name}/{key}": d[key] for key in POSTHOC_LOGGED if key in d})
         metrics.update({f"time/{key}": v for key, v in timings.items()})
+        if results.get("last"):
+            metrics.update({f"{LAST_PREFIX}{key}": v for key, v in results["last"]["mean"].items()})
         tracker.log_metrics(metrics, step=step)
-        for f in [*files, run_dir / "per_volume.csv", figure_data, run_dir / "results.txt", metrics_path, md]:
+        last_csv = [run_dir / "per_volume_last.csv"] if results.get("last") else []
+        for f in [*files, run_dir / "per_volume.csv", *last_csv, figure_data, run_dir / "results.txt", metrics_path,
+                  md]:
             tracker.log_artifact(f)
         for f in maps.files:
             tracker.log_artifact(f, "maps")

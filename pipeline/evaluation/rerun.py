@@ -7,9 +7,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
+from pipeline.checkpoints import LAST
 from pipeline.config import apply_overrides
 from pipeline.data.prepare import prepare_data
 from pipeline.evaluation.evaluate import evaluate_trained
@@ -52,6 +54,8 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     data = prepare_data(parser)
     network = parser.get_parsed_content("network")
     load_weights(network, checkpoint)
+    last = run_dir / "checkpoints" / LAST
+    last_state = torch.load(last, map_location="cpu", weights_only=True).get("network") if last.is_file() else None
 
     created = found["run_id"] is None
     if created:  # a run folder no MLflow run records: a new run of its own, ended by the `with` below
@@ -69,7 +73,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
             print(found["how"], flush=True)
             print(f"weights: {checkpoint}", flush=True)
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=step, checkpoint=checkpoint,
-                               settings=settings, quiet=quiet)
+                               settings=settings, last_state=last_state, quiet=quiet)
         tracker.set_tags({"evaluated_checkpoint": str(checkpoint), "evaluation_step": step,
                           "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     out.update(run_id=tracker.run_id, run_dir=run_dir, checkpoint=checkpoint, how=found["how"], step=step,
