@@ -129,14 +129,21 @@ bench-losses: $(STAMP)
 	$(PY) -m pipeline.benchmarks.losses $(ARGS)
 
 .PHONY: compare
-## the paper's comparison in one command: make compare DATASET=mni GRID=paper [SEEDS=0,1,2] [JOBS=n] [SHARD=i/n]
-##   [EPOCHS=n] [BACKBONES=a,b] [REPORT=only]; the report goes to reports/<dataset>/<grid>/
+## the paper's comparison in one command: make compare DATASET=mni GRID=paper [SEEDS=0-9] [JOBS=n] [SHARD=i/n]
+##   [EPOCHS=n] [BACKBONES=a,b] [REPORT=only] [MARGINS=ece=0.003,dsc=0.02]; the report goes to reports/<dataset>/<grid>/
 GRID ?= paper
 compare: $(STAMP)
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline compare --dataset $(DATASET) --grid $(GRID) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SHARD),--shard $(SHARD)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKBONES),--backbones $(BACKBONES)) \
-		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(ARGS)
+		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
+		$(if $(MARGINS),--margins "$(MARGINS)") $(ARGS)
+
+.PHONY: check-statistics
+## the verdict's procedure on simulated comparisons: false-positive rate, interval coverage and false equivalence of
+##   the seed-level statistics against the (seed, volume)-pair ones: make check-statistics [ARGS="--sims 500"]
+check-statistics: $(STAMP)
+	$(PY) -m pipeline.compare.simulation $(ARGS)
 
 .PHONY: screenshots
 ## PNGs of a comparison in the MLflow UI (runs table, compare view) for the README, by a headless Chromium:

@@ -173,7 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = run_comparison(
         args.dataset, args.grid, seeds=parse_seeds(args.seeds) if args.seeds else None,
         jobs=args.jobs, shard_spec=args.shard, epochs=args.epochs, report_only=args.report == "only",
-        backbones=args.backbones.split(",") if args.backbones else None, overrides=overrides)
+        backbones=args.backbones.split(",") if args.backbones else None, overrides=overrides,
+        margins=cfg.parse_assignments(args.margins) if args.margins else None)
     print(f"MLflow parent run: {out['parent_run_id']} (make ui: experiment 'compare')")
     print(f"report: {out['report']}")
     if out["failed"]:
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="train a comparison grid (resumable, shardable) and write its report")
     p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")
     p.add_argument("--grid", default="paper", help="configs/compare/<name>.yaml or a grid file (default: paper)")
+    p.add_argument("--margins", default=None,
+                   help="equivalence margins of the verdict over the grid file's, e.g. ece=0.003,dsc=0.02")
     p.add_argument("--seeds", default=None, help="seeds: 0-9, 0,1,2 or 0-4,7 (default: the grid's)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once on this machine (default 1)")
     p.add_argument("--shard", default=None, help="i/n: train the i-th of n shares of the grid (default: all)")

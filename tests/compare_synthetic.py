@@ -20,14 +20,16 @@ def make_grid(penalties: bool = False, backbones=("unet",), seeds=(0, 1)) -> dic
             "augmentation": "none", "penalties": penalties}
 
 
-def make_data(grid: dict, n_volumes: int = 3, ece_shift: float = 0.0, seed: int = 0, failed: tuple = ()
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def make_data(grid: dict, n_volumes: int = 3, ece_shift: float = 0.0, seed: int = 0, failed: tuple = (),
+              last: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(runs, volumes)`` for every cell of ``grid``; the reference's ECE is lowered by ``ece_shift``.
 
     Args:
         failed: ``(method, setting, seed)`` cells whose run is FAILED (NaN metrics, no volumes).
+        last: give every run the metrics of its last epoch's weights too (``last_*``, ``test_last/*``).
     """
     rng = np.random.default_rng(seed)
+    rng_last = np.random.default_rng(seed + 1000)  # its own stream: the other values do not depend on `last`
     runs, vols = [], []
     for backbone in grid["backbones"]:
         for m in grid["methods"]:
@@ -53,6 +55,12 @@ def make_data(grid: dict, n_volumes: int = 3, ece_shift: float = 0.0, seed: int 
                         v[c] = rng.uniform(0.05, 0.15, n_volumes) - (shift if c == "ece" else 0.0)
                     for c in ("ts_ece", "ts_cece", "lts_ece", "lts_cece"):
                         v[c] = rng.uniform(0.03, 0.12, n_volumes)
+                    if last:  # the last epoch's weights: the same metrics, a little off
+                        for c in [*(f"dsc_{r}" for r in REGIONS), *(f"asd_{r}" for r in REGIONS), "ece", "cece"]:
+                            v[f"last_{c}"] = v[c] + rng_last.normal(0, 0.01, n_volumes)
+                        row["test_last/dsc"] = float(v[[f"last_dsc_{r}" for r in REGIONS]].mean(axis=1).mean())
+                        row["test_last/ece"] = float(v["last_ece"].mean())
+                        row["test_last/cece"] = float(v["last_cece"].mean())
                     for r in REGIONS:
                         row[f"test/dsc/{r}"] = float(v[f"dsc_{r}"].mean())
                         row[f"test/asd/{r}"] = float(v[f"asd_{r}"].mean())

@@ -55,8 +55,10 @@ def test_every_file_is_written_and_linked(report):
         assert f"]({name})" in md
     assert not (folder / "fig7_backbones.png").exists()  # one backbone: no Fig. 7
     assert md.splitlines()[2].startswith("**Verdict**")
-    assert md.splitlines()[4].startswith("**Protocol.**") and "2 epochs" in md.splitlines()[4]
-    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Paired statistics", "Rankings", "## Runs"):
+    assert md.splitlines()[4].startswith("Checkpoint sensitivity: tested with the last epoch's weights")
+    assert md.splitlines()[6].startswith("**Protocol.**") and "2 epochs" in md.splitlines()[6]
+    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Paired statistics", "Checkpoint sensitivity",
+                    "Rankings", "## Runs"):
         assert heading in md
 
 
@@ -99,11 +101,28 @@ def test_statistics_equal_the_per_volume_differences(report):
         b = vols[vols["key"] == keys["ls"][s]].set_index("id")["ece"]
         diffs += list(a - b.reindex(a.index))
     stats = {r["metric"]: r for r in report["summary"]["statistics"]}
-    assert stats["ece"]["n_pairs"] == len(diffs) == 6
-    assert stats["ece"]["diff"] == pytest.approx(np.mean(diffs))
+    assert stats["ece"]["n_pairs"] == len(diffs) == 6 and stats["ece"]["n_seeds"] == 2
+    seed_means = [np.mean(diffs[:3]), np.mean(diffs[3:])]
+    assert stats["ece"]["diff"] == pytest.approx(np.mean(seed_means))
+    assert stats["ece"]["seed_sd"] == pytest.approx(np.std(seed_means, ddof=1))
     assert stats["ece"]["ci_low"] <= stats["ece"]["diff"] <= stats["ece"]["ci_high"]
+    assert stats["ece"]["p"] >= 0.5 and stats["ece"]["p_floor"] == 0.5  # 2 seeds: the smallest p is 2/4
+    assert stats["ece"]["verdict"] == "inconclusive"
     row = _row(report["md"], "## Paired statistics", "MbLS vs LS")
-    assert row[1] == "DSC" and row[2] == "6"
+    assert row[1] == "DSC" and row[2] == "2" and row[11] == "inconclusive"
+
+
+def test_best_vs_last_table_equals_the_logged_metrics(report):
+    runs, md = report["runs"], report["md"]
+    fin = runs[runs["status"] == "FINISHED"]
+    selected = {r["method"]: r["setting"] for r in report["summary"]["selection"]}
+    for method, label in (("ls", "LS"), ("mbls", "MbLS")):
+        g = fin[(fin["method"] == method) & (fin["setting"] == selected[method])]
+        row = _row(md, "## Checkpoint sensitivity", label)
+        assert row[2:] == [_mean_std(g[f"{prefix}/{m}"], 3) for m in ("dsc", "ece", "cece")
+                           for prefix in ("test", "test_last")]
+    last = {r["metric"]: r for r in report["summary"]["statistics_last"]}
+    assert set(last) == {"last_dsc", "last_ece", "last_cece"} and last["last_ece"]["n_seeds"] == 2
 
 
 def test_failed_runs_are_listed_and_per_volume_csv_is_complete(report):
@@ -154,21 +173,23 @@ def test_two_backbones_without_extras_say_which_figures_are_skipped(tmp_path):
     assert "Table 4" not in md
 
 
-def test_verdict_states_a_clear_effect_and_no_detectable_difference():
-    grid = make_grid(seeds=(0, 1, 2))
-    runs, vols = make_data(grid, n_volumes=10, ece_shift=0.05, seed=2)
+def test_verdict_states_a_clear_effect_and_an_inconclusive_one():
+    grid = make_grid(seeds=tuple(range(10)))
+    runs, vols = make_data(grid, n_volumes=3, ece_shift=0.05, seed=2)
     runs = prepare_runs(runs, grid)
     vols = prepare_volumes(vols, runs, grid)
     sel = select_settings(runs, grid)
     cmp = compare_methods(paired_differences(runs, vols, sel, grid), grid).set_index("metric")
     text = verdict_paragraph(cmp.reset_index(), sel, runs, grid)
     ece = cmp.loc["ece"]
-    assert ece["p_holm"] < 0.05 and ece["ci_high"] < 0
-    assert f"lowers ECE by {-ece['diff']:.4f} [{-ece['ci_high']:.4f}, {-ece['ci_low']:.4f}]" in text
+    assert ece["p"] == pytest.approx(2 / 2 ** 10) and ece["p_holm"] == pytest.approx(3 * 2 / 2 ** 10)
+    assert ece["verdict"] == "better" and ece["ci_high"] < 0
+    assert f"ECE better: lower by {-ece['diff']:.4f} [{-ece['ci_high']:.4f}, {-ece['ci_low']:.4f}]" in text
     dsc = cmp.loc["dsc"]
-    assert dsc["ci_low"] < 0 < dsc["ci_high"]  # no DSC effect was built in
-    assert "no detectable difference in DSC" in text
-    assert "30 pairs, 3 seeds" in text and "seeds 0, 1, 2" in text and "augmentation: none" in text
+    assert dsc["ci_low"] < 0 < dsc["ci_high"] and dsc["verdict"] == "inconclusive"  # no DSC effect was built in
+    assert f"DSC inconclusive (MbLS − LS = {dsc['diff']:+.4f}" in text
+    assert "2/2^10 = 0.00195" in text and "Holm over the 3 tests" in text
+    assert "against LS (10 seeds)" in text and "seeds 0, 1, 2" in text and "augmentation: none" in text
 
 
 def test_a_comparison_where_nothing_finished_still_reports_every_run(tmp_path):

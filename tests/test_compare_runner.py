@@ -165,3 +165,40 @@ def test_two_shards_and_a_killed_shard_give_the_same_report(setup, single, monke
     assert report_text(two) == report_text(first)
     only = compare(setup, "sharded", monkeypatch, report_only=True)
     assert only["trained"] == [] and report_text(only) == report_text(first)
+
+
+def test_the_parent_run_carries_the_verdict_and_the_selected_children_are_tagged(setup, single):
+    first, _ = single
+    folder = first["report"].parent
+    summary = json.loads((folder / "summary.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{setup[0]}/single.db")
+    parent = client.get_run(first["parent_run_id"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Verdict**") and "Checkpoint sensitivity: tested with the last epoch's weights" in note
+    assert note.split("\n\n")[0] in report_text(first)
+    for row in summary["statistics"]:
+        name = f"verdict/{row['other']}/{row['metric']}"
+        assert parent.data.tags[name] == row["verdict"]
+        assert parent.data.metrics[f"{name}/diff"] == pytest.approx(row["diff"])
+        assert parent.data.metrics[f"{name}/ci_low"] == pytest.approx(row["ci_low"])
+    chosen = {(r["method"], r["setting"]) for r in summary["selection"]}
+    children = [r for rs in child_runs(client, parent.info.experiment_id, parent.info.run_id).values() for r in rs]
+    assert len(children) == 8
+    for r in children:
+        selected = (r.data.tags["compare.method"], r.data.tags["compare.setting"]) in chosen
+        assert r.data.tags["compare.selected"] == ("true" if selected else "false")
+        assert {"test_last/dsc", "test_last/ece", "test_last/cece"} <= set(r.data.metrics)  # checkpoint sensitivity
+    assert len(summary["statistics_last"]) == 3
+
+
+def test_another_comparison_reuses_finished_runs_of_the_same_key(setup, single, monkeypatch):
+    tmp = setup[0]
+    (tmp / "subset.yaml").write_text(f"extends: {tmp / 'grid.yaml'}\nname: subset\nmethods:\n"
+                                     "  - {name: ls, label: LS, loss: ls, grid: {alpha: [0.1, 0.2]}}\n"
+                                     "  - {name: mbls, label: MbLS, loss: mbls, grid: {margin: [10]}}\n")
+    tmp_, cfg, over = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/single.db")
+    out = runner.run_comparison("blobs", str(tmp / "subset.yaml"), overrides={**over, "output_dir": str(tmp / "single")},
+                                config_dir=cfg, reports_root=tmp / "reports-subset", quiet=True, seeds=[0, 1])
+    assert out["trained"] == [] and len(out["skipped"]) == 6
+    assert "6 runs expected by the grid, 6 present: 6 finished" in report_text(out)

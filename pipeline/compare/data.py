@@ -11,8 +11,9 @@
   ``test/ts/cece``, ``test/lts/ece``, ``test/lts/cece``, ``test/noise_<sigma>/{dsc,ece,cece}``.
 
 ``volumes``: one row per (run ``key``, test volume ``id``) with ``dsc_<region>``, ``asd_<region>``, ``ece``,
-``cece`` and optionally ``nll``, ``brier``, ``ts_*``, ``lts_*``. The per-volume DSC is the NaN-mean of its
-``dsc_<region>`` columns over the grid's ``region_names``, the ASD likewise.
+``cece`` and optionally ``nll``, ``brier``, ``ts_*``, ``lts_*`` and, scored with the last epoch's weights,
+``last_dsc_<region>``, ``last_ece``, ``last_cece`` (``last_dsc`` is then added like ``dsc``). The per-volume DSC is
+the NaN-mean of its ``dsc_<region>`` columns over the grid's ``region_names``, the ASD likewise.
 
 ``grid``: ``name``, ``dataset``, ``class_names``, ``region_names``, ``distance_unit``, ``backbones``, ``methods``
 (dicts with ``name``, ``label``, ``hp_name``, ``values``; report order), ``reference``, ``baseline``, ``seeds``,
@@ -188,6 +189,9 @@ def prepare_volumes(volumes: pd.DataFrame, runs: pd.DataFrame, grid: dict) -> pd
     df["dsc"] = df[dsc_cols].mean(axis=1, skipna=True) if len(df) else np.nan
     present_asd = [c for c in asd_cols if c in df.columns]
     df["asd"] = df[present_asd].mean(axis=1, skipna=True) if present_asd else np.nan
+    last_dsc = [f"last_{c}" for c in dsc_cols if f"last_{c}" in df.columns]
+    if last_dsc:  # the last epoch's weights (pipeline.evaluation.last): the same per-volume DSC
+        df["last_dsc"] = df[last_dsc].mean(axis=1, skipna=True)
     info = runs.set_index("key")[["backbone", "method", "setting", "order", "seed", "status"]]
     df = df.drop(columns=[c for c in info.columns if c in df.columns]).join(info, on="key")
     df = canonical_sort(df, grid, extra=("id",))

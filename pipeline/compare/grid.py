@@ -40,7 +40,8 @@ from pipeline.compare.data import check_methods
 from pipeline.config import CONFIG_DIR, available, load_config
 from pipeline.registry import check_name
 
-GRID_KEYS = ("name", "backbones", "seeds", "reference", "baseline", "methods")
+GRID_KEYS = ("name", "backbones", "seeds", "reference", "baseline", "methods")  # required; optional: extends,
+# profile, augmentation, penalties, margins (practical-equivalence margins per metric of the verdict)
 #: config keys that say where or how a run executes, not what it computes: left out of the key
 MACHINE_KEYS = ("output_dir", "data_dir", "cache_dir", "cache", "cache_memory_fraction", "num_workers", "device",
                 "experiment_name", "channels_last", "find_unused_parameters", "checkpoint_interval",

@@ -27,7 +27,7 @@ from pipeline.compare.selection import (
     setting_scores,
     summary_lookup,
 )
-from pipeline.compare.statistics import N_RESAMPLES, compare_methods, paired_differences
+from pipeline.compare.statistics import LAST_METRICS, N_RESAMPLES, compare_methods, paired_differences
 from pipeline.compare.tables import (
     markdown_table,
     mean_std,
@@ -36,11 +36,19 @@ from pipeline.compare.tables import (
     selection_table,
     statistics_table,
 )
-from pipeline.compare.verdict import protocol_line, verdict_paragraph
+from pipeline.compare.verdict import checkpoint_sentence, protocol_line, verdict_paragraph
 from pipeline.io import write_json_atomic, write_text_atomic, write_with
 from pipeline.report import confidence_maps
 
 RANK_COLUMNS = {"dsc": "test/dsc", "asd": "test/asd", "ece": "test/ece", "cece": "test/cece"}
+STATISTICS_NOTE = ("Per seed, the difference averaged over its test volumes; the verdict rests on these seed means "
+                   "(sign-flip and TOST tests, two-level bootstrap). *Seeds needed* (for inconclusive rows): to "
+                   "detect a difference of the observed size, and to show equivalence within the margin, at 80 % "
+                   "power. The last two columns treat every (seed, volume) pair as independent: shown for "
+                   "comparison with the usual practice, never used for the verdict.")
+CHECKPOINT_NOTE = ("Every run is tested twice: with its best checkpoint by validation DSC (the paper's protocol, the "
+                   "tables above) and with the weights of its last epoch (`test_last/…`, no post-hoc calibration); "
+                   "mean ± std over seeds of the selected configurations.")
 
 
 def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.DataFrame, grid: dict,
@@ -71,6 +79,9 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
     summary = seed_summary(runs, grid)
     pairs = paired_differences(runs, volumes, selection, grid)
     comparison = compare_methods(pairs, grid, n_resamples=n_resamples)
+    last_metrics = tuple(m for m in LAST_METRICS if m in volumes.columns)
+    last = (compare_methods(paired_differences(runs, volumes, selection, grid, last_metrics), grid,
+                            n_resamples=n_resamples) if last_metrics else comparison.iloc[0:0])
     accounting = run_accounting(runs, grid)
     chosen = selected_runs(runs, selection)
     cases = volumes.merge(chosen[["key"]], on="key", how="inner")
@@ -101,7 +112,8 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
                  "Case-specific: for every (seed, test volume) with a finished run of every method, rank the "
                  "methods per metric, then average over the cases; a missing value ranks last.")
     lines = [f"# Comparison `{grid['name']}` on `{grid['dataset']}`", "",
-             verdict_paragraph(comparison, selection, runs, grid), "", protocol_line(runs, grid), "",
+             verdict_paragraph(comparison, selection, runs, grid), "", checkpoint_sentence(comparison, last, grid), "",
+             protocol_line(runs, grid), "",
              "## Selection (validation DSC per configuration)", "", selection_table(scores, selection, grid), "",
              "## Table 1: segmentation (test, selected configurations)", "",
              paper_table("1", summary, selection, grid), "",
@@ -110,8 +122,13 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
              "## Table 3: post-hoc calibration (pre / TS / LTS)", "", paper_table("3", summary, selection, grid), ""]
     if grid.get("penalties"):
         lines += ["## Table 4: every configuration", "", paper_table("4", summary, selection, grid, scores), ""]
-    lines += [marks_note, "", "## Paired statistics (per test volume, matched on seed)", "",
-              statistics_table(comparison, grid), "", "## Rankings (paper Fig. 3)", "", rank_note, "",
+    lines += [marks_note, "", "## Paired statistics (the seed is the unit)", "", STATISTICS_NOTE, "",
+              statistics_table(comparison, grid), "", "## Checkpoint sensitivity: best vs last epoch", "",
+              CHECKPOINT_NOTE, "", paper_table("5", summary, selection, grid), ""]
+    if len(last):
+        lines += ["The paired statistics with the last epoch's weights (a family of its own for Holm):", "",
+                  statistics_table(last, grid), ""]
+    lines += ["## Rankings (paper Fig. 3)", "", rank_note, "",
               "\n\n".join(rank_md) or "_No finished run._", "", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{caption}]({name})\n" for caption, name in made]
     lines += [f"- {s}" for s in skipped] + ([""] if skipped else [])
@@ -127,6 +144,7 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
         "epochs": sorted({int(e) for e in runs["epochs"]}),
         "selection": selection.to_dict("records"), "settings": scores.to_dict("records"),
         "seed_summary": summary.to_dict("records"), "statistics": comparison.to_dict("records"),
+        "statistics_last": last.to_dict("records"),
         "rankings": {b: {"means": r["means"].to_dict("index"), "sum_rank": r["sum_rank"].to_dict("index"),
                          "case_ranks": r["case_ranks"].to_dict("index"), "n_cases": r["n_cases"]}
                      for b, r in rankings.items()},

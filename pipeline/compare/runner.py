@@ -4,14 +4,15 @@
 2. One MLflow parent run stands for the comparison (dataset, grid, epochs); every training is a child run of it.
 3. This shard's runs (``SHARD=i/n``) that have no finished child are trained (a finished run of the same key made
    for another comparison of the experiment — same resolved config, seed and data — is reused, not retrained),
-   ``JOBS`` at a time (one GPU each where there are GPUs, the CPU threads divided otherwise); a failed run is recorded and the others go on; a run
-   left RUNNING by a dead process is marked KILLED and trained again.
+   ``JOBS`` at a time (one GPU each where there are GPUs, the CPU threads divided otherwise); a failed run is recorded
+   and the others go on; a run left RUNNING by a dead process is marked KILLED and trained again.
 4. The report is built from whatever the store holds for the grid (all shards): ``reports/<dataset>/<grid>/``, and
    logged to the parent run.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import Metric, RunTag
 
 from pipeline.compare.collect import (
     child_runs,
@@ -32,6 +34,7 @@ from pipeline.compare.collect import (
 )
 from pipeline.compare.grid import RunSpec, expand, load_grid, parse_shard, resolved_config, run_key, shard
 from pipeline.compare.report import write_report
+from pipeline.compare.statistics import resolve_margins
 from pipeline.config import REPO_ROOT, quiet_warnings
 from pipeline.data.prepare import data_fingerprint
 from pipeline.io import building_folder
@@ -39,6 +42,7 @@ from pipeline.tracking import ensure_experiment, source_tags, tracking_uri
 from pipeline.training import run_training
 
 EXPERIMENT = "compare"
+NOTE_LIMIT = 7900
 
 
 def comparison_id(dataset: str, grid: dict, epochs: int | None) -> str:
@@ -53,7 +57,8 @@ def report_folder(dataset: str, grid: dict, epochs: int | None, root: Path | Non
     return Path(root or REPO_ROOT / "reports") / dataset / name
 
 
-def report_grid(grid: dict, dataset: str, parser, seeds: list[int], epochs: int | None, backbones) -> dict:
+def report_grid(grid: dict, dataset: str, parser, seeds: list[int], epochs: int | None, backbones,
+                margins: dict | None = None) -> dict:
     """The grid description the report reads (:mod:`pipeline.compare.data`)."""
     ds = parser.get_parsed_content("dataset")
     return {
@@ -66,7 +71,7 @@ def report_grid(grid: dict, dataset: str, parser, seeds: list[int], epochs: int 
         "reference": grid["reference"], "baseline": grid["baseline"], "seeds": list(seeds),
         "epochs": int(grid["profile"].get("epochs", parser.get_parsed_content("epochs"))),
         "epochs_overridden": epochs is not None, "augmentation": str(grid.get("augmentation", "")),
-        "penalties": bool(grid.get("penalties", False)),
+        "penalties": bool(grid.get("penalties", False)), "margins": resolve_margins(grid, margins),
     }
 
 
@@ -115,6 +120,7 @@ def run_comparison(
     report_only: bool = False,
     backbones: list[str] | None = None,
     overrides: dict | None = None,
+    margins: dict | None = None,
     config_dir: Path | None = None,
     reports_root: Path | None = None,
     quiet: bool = False,
@@ -130,6 +136,7 @@ def run_comparison(
         report_only: train nothing; report on what the store holds.
         overrides: config overrides of every run that do not change what it computes (``data_dir``,
             ``output_dir``, ``cache``…; they are left out of the keys).
+        margins: practical-equivalence margins per metric (``{"ece": 0.003}``) over the grid file's ``margins``.
 
     Returns:
         ``{"report", "parent_run_id", "trained", "skipped", "failed", "specs"}``.
@@ -139,6 +146,7 @@ def run_comparison(
     if jobs < 1:
         raise ValueError(f"JOBS must be a whole number >= 1, got {jobs}")
     g = load_grid(grid, config_dir)
+    resolve_margins(g, margins)  # a bad margin fails now, before any training
     specs = expand(g, seeds, epochs, backbones)
     machine = {"experiment_name": EXPERIMENT, **(overrides or {})}
     machine.setdefault("output_dir", str(REPO_ROOT / "runs" / "compare" / dataset / g["name"]))
@@ -182,19 +190,55 @@ def run_comparison(
 
     runs, volumes, extras = collect(client, specs, children_now())
     folder = report_folder(dataset, g, epochs, reports_root)
-    described = report_grid(g, dataset, first, [*dict.fromkeys(s.seed for s in specs)], epochs, backbones)
+    described = report_grid(g, dataset, first, [*dict.fromkeys(s.seed for s in specs)], epochs, backbones, margins)
     with building_folder(folder) as tmp:  # a report is replaced whole: no figure of an earlier one stays behind
         write_report(tmp, runs, volumes, described, extras)
     path = folder / "report.md"
     for f in sorted(folder.iterdir()):
         if f.is_file():
             client.log_artifact(parent, str(f), "report")
+    log_verdict(client, parent, folder, child_runs(client, experiment_id, parent), specs)
     status = parent_status(runs, len(specs))
     if status is not None:
         client.set_terminated(parent, status)
     say(f"report: {path}")
     return {"report": path, "parent_run_id": parent, "trained": trained, "skipped": skipped, "failed": failed,
             "specs": specs}
+
+
+def log_verdict(client, parent: str, folder: Path, own_children: dict[str, list], specs: list[RunSpec]) -> None:
+    """What the MLflow UI shows of the verdict: the parent run's description is the report's verdict and
+    checkpoint-sensitivity paragraphs; its metrics ``verdict/<other>/<metric>/{diff,ci_low,ci_high,p_holm,
+    p_tost_holm}`` and tags ``verdict/<other>/<metric>`` (the word) per comparison (``<backbone>/`` first with
+    several backbones); the comparison's own finished children carry ``compare.selected`` = ``true`` or ``false``."""
+    summary = json.loads((folder / "summary.json").read_text())
+    lines = (folder / "report.md").read_text().split("\n\n")
+    note = "\n\n".join(p for p in lines if p.startswith(("**Verdict**", "Checkpoint sensitivity")))
+    multi = len(summary["grid"]["backbones"]) > 1
+    if len(note) > NOTE_LIMIT:  # MLflow keeps tag values up to 8000 characters
+        note = note[:NOTE_LIMIT - 60].rsplit(" ", 1)[0] + " … (the whole verdict: report/report.md)"
+    metrics, tags = {}, {"mlflow.note.content": note}
+    for row in summary["statistics"]:
+        name = f"verdict/{row['backbone'] + '/' if multi else ''}{row['other']}/{row['metric']}"
+        tags[name] = str(row["verdict"])
+        metrics.update({f"{name}/{k}": row[k] for k in ("diff", "ci_low", "ci_high", "p_holm", "p_tost_holm")
+                        if row.get(k) is not None})
+    log_batch(client, parent, metrics, tags)
+    chosen = {(r["backbone"], r["method"], r["setting"]) for r in summary["selection"]}
+    for spec in specs:
+        for run in own_children.get(spec.key, []):
+            if run.info.status == "FINISHED":
+                selected = (spec.backbone, spec.method, spec.setting) in chosen
+                client.set_tag(run.info.run_id, "compare.selected", "true" if selected else "false")
+
+
+def log_batch(client, run_id: str, metrics: dict, tags: dict) -> None:
+    """Metrics (step 0) and tags in batches MLflow accepts (at most 1000 metrics, 100 tags a call)."""
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
+    ts = [RunTag(k, v) for k, v in sorted(tags.items())]
+    for i in range(0, max(len(ms), len(ts)), 100):
+        client.log_batch(run_id, metrics=ms[i:i + 100], tags=ts[i:i + 100])
 
 
 def _train_all(todo: list[RunSpec], dataset: str, machine: dict, tags: dict, config_dir, jobs: int, say) -> list:

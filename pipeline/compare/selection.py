@@ -75,8 +75,9 @@ def selected_runs(runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     """The score and test metric columns: ``val/best_dsc`` then every ``test/…`` column sorted by name (an order
-    that does not depend on the order of the runs' columns)."""
-    return [SELECTION_SCORE] + sorted(str(c) for c in runs.columns if str(c).startswith("test/"))
+    that does not depend on the order of the runs' columns), then the ``test_last/…`` columns (the last epoch's
+    weights) likewise."""
+    return [SELECTION_SCORE] + sorted(str(c) for c in runs.columns if str(c).startswith(("test/", "test_last/")))
 
 
 def seed_summary(runs: pd.DataFrame, grid: dict, metrics: list[str] | None = None) -> pd.DataFrame:

@@ -1,34 +1,42 @@
 """Paired statistics the paper lacks: the reference method against every other method on the same seeds and test
-volumes.
+volumes, with the trained network (the seed) as the unit.
 
 A pair is one (seed, test volume): the reference's selected configuration and the other method's selected
 configuration, same backbone, trained with the same seed, evaluated on the same volume; only pairs where both runs
-finished and both values are finite count. Per metric (per-volume DSC, ECE, CECE):
+finished and both values are finite count. Per metric (per-volume DSC, ECE, CECE; the same with the last epoch's
+weights, ``last_*``):
 
-- the mean difference ``reference − other``;
-- a bootstrap 95 % percentile interval of that mean (pairs resampled with replacement, 10 000 resamples, a fixed
-  generator seed);
-- the two-sided Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, zero differences dropped — Wilcoxon's
-  original rule — exact null distribution up to 50 non-zero pairs without ties, normal approximation beyond);
-  every difference zero gives p = 1 (no evidence of a difference), no pair gives NaN;
-- Holm's step-down correction over every (backbone, comparison, metric) of the report, NaN p-values left out of
-  the family.
+**The verdict** (:mod:`pipeline.compare.seed_statistics`): the mean of the seed-mean differences ``reference −
+other``; a two-level bootstrap 95 % interval (seeds, then volumes within seeds); the exact sign-flip p-value over
+the seed-mean differences, Holm-corrected over every (backbone, comparison, metric) of the report; equivalence
+within a declared margin per metric by TOST on the seed-mean differences, Holm-corrected over the report's
+equivalence tests; the seeds a decision would need. Each comparison is *better*, *worse*, *equivalent* or
+*inconclusive* (:func:`verdict`).
 
-Pairs share a trained model within a seed and a volume across seeds, so they are not independent: the intervals
-and p-values treat them as if they were and are optimistic; the count of seeds whose own mean difference favours
-the reference (``seeds_better``) is given beside them as a check that does not rest on that assumption.
+**Secondary, never the verdict** (``pair_*`` columns): the same mean with a bootstrap interval over the pairs and
+the two-sided Wilcoxon signed-rank p-value over the pairs (``scipy.stats.wilcoxon``, zeros dropped), Holm-corrected
+likewise. Pairs of one seed share a trained model, so these treat dependent pairs as independent and are
+optimistic (``make check-statistics`` measures how much).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from pipeline.compare.data import HIGHER_IS_BETTER, canonical_sort
+from pipeline.compare import seed_statistics as ss
+from pipeline.compare.data import HIGHER_IS_BETTER, canonical_sort, finite
 from pipeline.compare.selection import finished_runs
 
 PAIRED_METRICS = ("dsc", "ece", "cece")
+LAST_METRICS = ("last_dsc", "last_ece", "last_cece")  # the same, scored with the last epoch's weights
+ALPHA = 0.05
+POWER = 0.8
+#: practical-equivalence margins per metric (a grid file's ``margins`` and ``MARGINS=`` override them)
+DEFAULT_MARGINS = {"dsc": 0.01, "ece": 0.005, "cece": 0.005}
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 _CHUNK_ELEMENTS = 4_000_000  # resample indices drawn per block: bounds memory for large pair counts
@@ -167,32 +175,113 @@ def _one_per_seed(fin: pd.DataFrame, backbone: str, method: str, setting: str) -
 
 
 def compare_methods(pairs: pd.DataFrame, grid: dict, n_resamples: int = N_RESAMPLES, level: float = 0.95,
-                    seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
-    """Summarise :func:`paired_differences` per (backbone, other method, metric), Holm-corrected over all rows.
+                    seed: int = BOOTSTRAP_SEED, margins: dict | None = None, alpha: float = ALPHA,
+                    power: float = POWER) -> pd.DataFrame:
+    """Summarise :func:`paired_differences` per (backbone, other method, metric): the seed-level verdict
+    statistics (:mod:`pipeline.compare.seed_statistics`), Holm-corrected over all rows, and the (seed, volume)-pair
+    statistics as a secondary, labelled set of columns (``pair_*``).
+
+    Args:
+        margins: metric → practical-equivalence margin (default :data:`DEFAULT_MARGINS`, then ``grid["margins"]``).
+        alpha: the level of the tests (default 0.05); power: of the seeds-needed estimates (default 0.8).
 
     Returns:
-        ``backbone``, ``reference``, ``other``, ``metric``, ``higher_is_better``, ``n_pairs`` (finite pairs),
-        ``n_dropped`` (pairs without a value on both sides), ``n_seeds``, ``seeds_better`` (seeds whose mean
-        difference favours the reference), ``reference_mean``, ``other_mean``, ``diff`` (mean of reference −
-        other), ``ci_low``, ``ci_high``, ``p`` (Wilcoxon), ``p_holm``.
+        ``backbone``, ``reference``, ``other``, ``metric``, ``higher_is_better``, ``n_seeds``, ``n_pairs`` (finite
+        pairs), ``n_dropped``, ``seeds_better`` (seeds whose mean difference favours the reference),
+        ``reference_mean``, ``other_mean``, ``diff`` (mean of the seed-mean differences reference − other),
+        ``seed_sd`` (their standard deviation, ddof 1), ``ci_low``, ``ci_high`` (two-level bootstrap), ``p``
+        (exact sign-flip), ``p_holm``, ``p_floor`` (2 / 2^n), ``margin``, ``p_tost``, ``p_tost_holm`` (Holm over
+        the equivalence tests), ``verdict`` (:func:`verdict`), ``seeds_detect``, ``seeds_equivalence`` (at
+        ``power``, level α / the family size), and ``pair_ci_low``, ``pair_ci_high``, ``pair_p`` (Wilcoxon),
+        ``pair_p_holm`` from the (seed, volume) pairs treated as independent.
     """
+    margins = resolve_margins(grid, margins)
     rows = []
     for (backbone, other, metric), g in pairs.groupby(["backbone", "other", "metric"], sort=False):
         ok = g[np.isfinite(g["diff"].astype(float))]
         d = ok["diff"].to_numpy(dtype=float)
-        hib = HIGHER_IS_BETTER[metric]
-        per_seed = ok.groupby("seed")["diff"].mean()
-        low, high = bootstrap_ci(d, n_resamples=n_resamples, level=level, seed=seed)
+        hib = HIGHER_IS_BETTER[base_metric(metric)]
+        groups = [x["diff"].to_numpy(dtype=float) for _, x in ok.groupby("seed", sort=True)]
+        per_seed = ss.seed_means(groups)
+        low, high = ss.hierarchical_bootstrap(groups, n_resamples=n_resamples, level=level, seed=seed)
+        pair_low, pair_high = bootstrap_ci(d, n_resamples=n_resamples, level=level, seed=seed)
+        margin = float(margins.get(base_metric(metric), np.nan))
         rows.append({"backbone": backbone, "reference": grid["reference"], "other": other, "metric": metric,
-                     "higher_is_better": hib, "n_pairs": int(d.size), "n_dropped": int(len(g) - len(ok)),
-                     "n_seeds": int(per_seed.size),
+                     "higher_is_better": hib, "n_seeds": int(per_seed.size), "n_pairs": int(d.size),
+                     "n_dropped": int(len(g) - len(ok)),
                      "seeds_better": int(((per_seed > 0) if hib else (per_seed < 0)).sum()),
                      "reference_mean": float(ok["reference_value"].mean()) if d.size else np.nan,
                      "other_mean": float(ok["other_value"].mean()) if d.size else np.nan,
-                     "diff": float(d.mean()) if d.size else np.nan, "ci_low": low, "ci_high": high,
-                     "p": wilcoxon_p(d)})
-    cols = ["backbone", "reference", "other", "metric", "higher_is_better", "n_pairs", "n_dropped", "n_seeds",
-            "seeds_better", "reference_mean", "other_mean", "diff", "ci_low", "ci_high", "p", "p_holm"]
+                     "diff": float(per_seed.mean()) if per_seed.size else np.nan,
+                     "seed_sd": float(per_seed.std(ddof=1)) if per_seed.size > 1 else np.nan,
+                     "ci_low": low, "ci_high": high, "p": ss.sign_flip_p(per_seed),
+                     "p_floor": ss.smallest_p(per_seed.size), "margin": margin,
+                     "p_tost": ss.tost_p(per_seed, margin) if np.isfinite(margin) else np.nan,
+                     "pair_ci_low": pair_low, "pair_ci_high": pair_high, "pair_p": wilcoxon_p(d)})
+    cols = ["backbone", "reference", "other", "metric", "higher_is_better", "n_seeds", "n_pairs", "n_dropped",
+            "seeds_better", "reference_mean", "other_mean", "diff", "seed_sd", "ci_low", "ci_high", "p", "p_holm",
+            "p_floor", "margin", "p_tost", "p_tost_holm", "verdict", "seeds_detect", "seeds_equivalence",
+            "pair_ci_low", "pair_ci_high", "pair_p", "pair_p_holm"]
     out = pd.DataFrame(rows, columns=cols)
-    out["p_holm"] = holm(out["p"].to_numpy(dtype=float)) if len(out) else []
+    if out.empty:
+        return out
+    for p in ("p", "p_tost", "pair_p"):
+        out[f"{p}_holm"] = holm(out[p].to_numpy(dtype=float))
+    family = max(1, int(out["p"].notna().sum()))
+    out["verdict"] = [verdict(r, alpha) for r in out.itertuples()]
+    out["seeds_detect"] = [ss.seeds_to_detect(r.diff, r.seed_sd, alpha, power, family) for r in out.itertuples()]
+    out["seeds_equivalence"] = [ss.seeds_for_equivalence(r.diff, r.seed_sd, r.margin, alpha, power, family)
+                                if np.isfinite(r.margin) else np.nan for r in out.itertuples()]
     return out
+
+
+def base_metric(metric: str) -> str:
+    """``last_ece`` → ``ece``: the metric kind of a per-volume column."""
+    return metric.removeprefix("last_")
+
+
+def resolve_margins(grid: dict, margins: dict | None = None) -> dict[str, float]:
+    """The practical-equivalence margins: :data:`DEFAULT_MARGINS`, then the grid file's ``margins``, then
+    ``margins`` (e.g. from the command line).
+
+    Raises:
+        ValueError: a margin that is not a positive number, or for a metric the comparison does not test.
+    """
+    out = dict(DEFAULT_MARGINS)
+    for where, given in (("the grid's margins", grid.get("margins")), ("MARGINS", margins)):
+        for k, v in (given or {}).items():
+            if k not in DEFAULT_MARGINS:
+                raise ValueError(f"{where}: no margin for {k!r}; the paired metrics are {', '.join(DEFAULT_MARGINS)}")
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not value > 0:
+                raise ValueError(f"{where}: the margin of {k!r} must be a positive number, got {v!r}")
+            out[k] = value
+    return out
+
+
+def detected(row, alpha: float = ALPHA) -> bool:
+    """A difference is detected when the Holm-corrected seed-level sign-flip p is below ``alpha`` AND the
+    two-level bootstrap interval excludes 0."""
+    return (finite(row.p_holm) and row.p_holm < alpha and finite(row.ci_low) and finite(row.ci_high)
+            and (row.ci_low > 0 or row.ci_high < 0))
+
+
+def equivalent(row, alpha: float = ALPHA) -> bool:
+    """Equivalence is shown when the Holm-corrected TOST p (over the report's equivalence tests) is below
+    ``alpha``."""
+    return finite(row.p_tost_holm) and row.p_tost_holm < alpha
+
+
+def verdict(row, alpha: float = ALPHA) -> str:
+    """``better`` / ``worse`` (a detected difference, in the reference's favour or not; ``better, within the
+    margin`` when equivalence is shown as well), ``equivalent`` (within ±margin), or ``inconclusive``."""
+    if row.n_seeds == 0:
+        return "no data"
+    if detected(row, alpha):
+        favours = (row.diff > 0) == bool(row.higher_is_better)
+        word = "better" if favours else "worse"
+        return f"{word}, within the margin" if equivalent(row, alpha) else word
+    return "equivalent" if equivalent(row, alpha) else "inconclusive"

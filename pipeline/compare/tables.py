@@ -105,13 +105,17 @@ def table_columns(grid: dict, which: str) -> list[Column]:
     if which == "4":
         return [("DSC", "test/dsc", 3), (f"ASD ({unit})", "test/asd", 2), ("ECE", "test/ece", 3),
                 ("CECE", "test/cece", 3)]
-    raise ValueError(f"unknown table {which!r}, expected '1', '2', '3' or '4'")
+    if which == "5":  # checkpoint sensitivity: best checkpoint vs the last epoch's weights
+        return [(f"{name} {kind}", f"{prefix}/{m}", 3) for m, name in (("dsc", "DSC"), ("ece", "ECE"), ("cece", "CECE"))
+                for kind, prefix in (("best", "test"), ("last", "test_last"))]
+    raise ValueError(f"unknown table {which!r}, expected '1', '2', '3', '4' or '5'")
 
 
 def paper_table(which: str, summary: pd.DataFrame, selection: pd.DataFrame, grid: dict,
                 configurations: pd.DataFrame | None = None) -> str:
     """Table 1 (DSC, ASD per region and mean), 2 (ECE, CECE; NLL, Brier beyond the paper), 3 (ECE, CECE pre / TS /
-    LTS) on the selected configurations, or 4 (DSC, ASD, ECE, CECE of every configuration, from
+    LTS), 5 (DSC, ECE, CECE of the best checkpoint and of the last epoch's weights) on the selected configurations,
+    or 4 (DSC, ASD, ECE, CECE of every configuration, from
     ``configurations``: :func:`pipeline.compare.selection.setting_scores`); one block per backbone.
 
     Columns no run has a value for are left out (e.g. Table 3 without post-hoc calibration; NLL when not logged).
@@ -153,7 +157,8 @@ def selection_table(scores: pd.DataFrame, selection: pd.DataFrame, grid: dict) -
 
 
 def statistics_table(comparison: pd.DataFrame, grid: dict) -> str:
-    """The paired statistics: one row per (backbone, other method, metric)."""
+    """The seed-level statistics and verdict, one row per (backbone, other method, metric), with the (seed,
+    volume)-pair statistics in the last two columns (secondary: they treat one network's volumes as independent)."""
     if comparison.empty:
         return "_No pair of finished runs to compare._"
     labels = method_labels(grid)
@@ -162,12 +167,23 @@ def statistics_table(comparison: pd.DataFrame, grid: dict) -> str:
     rows = []
     for r in comparison.itertuples():
         ci = f"{fmt(r.diff, 4)} [{fmt(r.ci_low, 4)}, {fmt(r.ci_high, 4)}]"
-        row = [f"{ref} vs {labels[r.other]}", r.metric.upper(), str(r.n_pairs), f"{r.seeds_better}/{r.n_seeds}",
-               fmt(r.reference_mean, 4), fmt(r.other_mean, 4), ci, fmt_p(r.p), fmt_p(r.p_holm)]
+        need = f"{fmt_seeds(r.seeds_detect)} / {fmt_seeds(r.seeds_equivalence)}" if r.verdict == "inconclusive" else ""
+        pair = f"{fmt(r.pair_ci_low, 4)}, {fmt(r.pair_ci_high, 4)}"
+        row = [f"{ref} vs {labels[r.other]}", r.metric.removeprefix("last_").upper(), str(r.n_seeds),
+               f"{r.seeds_better}/{r.n_seeds}", fmt(r.reference_mean, 4), fmt(r.other_mean, 4), ci, fmt_p(r.p),
+               fmt_p(r.p_holm), f"±{r.margin:g}" if finite(r.margin) else "—", fmt_p(r.p_tost_holm),
+               f"**{r.verdict}**", need, f"[{pair}]", fmt_p(r.pair_p_holm)]
         rows.append(([f"`{r.backbone}`"] if multi else []) + row)
     header = (["Backbone"] if multi else []) + [
-        "Comparison", "metric", "pairs", "seeds better", ref, "other", f"{ref} − other [95 % CI]", "p", "Holm p"]
+        "Comparison", "metric", "seeds", "seeds better", ref, "other", f"{ref} − other [95 % two-level CI]",
+        "sign-flip p", "Holm p", "margin", "TOST Holm p", "verdict", "seeds needed (detect / equivalence)",
+        "pairs: 95 % CI (secondary)", "pairs: Wilcoxon Holm p (secondary)"]
     return markdown_table(header, rows)
+
+
+def fmt_seeds(n) -> str:
+    """A seeds-needed number: ``12``, or ``∞`` when no number of seeds is expected to decide."""
+    return str(int(n)) if finite(n) else "∞"
 
 
 def fmt_p(p) -> str:
