@@ -62,6 +62,14 @@ def test_every_file_is_written_and_linked(report):
         assert heading in md
 
 
+def test_report_html_is_one_page_with_the_figures_inlined(report):
+    page = (report["folder"] / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<h2>Table 1: segmentation" in page
+    assert page.count("src=\"data:image/png;base64,") == len(FIGURES)
+    assert "<table><tr><th>Method</th>" in page and "<b>Verdict</b>" in page
+    assert "**" not in page and "![" not in page and "&lt;u&gt;" not in page  # no markdown left raw
+
+
 def test_selection_matches_the_best_mean_validation_dsc(report):
     runs = report["runs"]
     fin = runs[runs["status"] == "FINISHED"]

@@ -15,7 +15,6 @@ from pipeline.compare import seed_statistics as ss
 from pipeline.compare.simulation import check_procedure
 from pipeline.compare.statistics import DEFAULT_MARGINS, resolve_margins, verdict
 
-
 # --- two-level bootstrap ---------------------------------------------------------------------------------------
 
 def test_bootstrap_of_two_single_volume_seeds_has_the_hand_computed_distribution():

@@ -1,5 +1,6 @@
 """The comparison report: ``report.md`` (verdict first, protocol, Tables 1-4, statistics, rankings, figures, runs),
-the figures as PNG, ``per_volume.csv`` and ``summary.json``.
+the figures as PNG, ``per_volume.csv``, ``summary.json`` and ``report.html`` (the same page with the figures inlined,
+which the MLflow UI shows as a page).
 
 Every file is written atomically. The same inputs in any row order give byte-identical ``report.md``,
 ``per_volume.csv`` and ``summary.json``: rows are put in one canonical order first, the bootstrap has a fixed seed,
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.compare import figures
+from pipeline.compare import figures, html
 from pipeline.compare.data import finite, method_labels, noise_levels, prepare_runs, prepare_volumes, run_accounting
 from pipeline.compare.ranking import RANK_METRICS, case_ranks, sum_rank
 from pipeline.compare.selection import (
@@ -135,6 +136,7 @@ def write_report(folder: str | os.PathLike, runs: pd.DataFrame, volumes: pd.Data
     lines += ["## Runs", "", runs_section(accounting, grid), ""]
     report = folder / "report.md"
     write_text_atomic(report, "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(folder / "report.html", html.render(report.read_text(), folder))  # for the MLflow UI
 
     out = volumes.drop(columns=["order"])
     write_with(lambda tmp: out.to_csv(tmp, index=False), folder / "per_volume.csv")

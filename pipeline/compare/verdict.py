@@ -123,6 +123,8 @@ def method_note(comparison: pd.DataFrame, grid: dict, alpha: float = ALPHA) -> s
 def checkpoint_sentence(best: pd.DataFrame, last: pd.DataFrame, grid: dict) -> str:
     """Whether the verdict holds when every run is tested with its last epoch's weights instead of its best
     checkpoint by validation DSC: how many (comparison, metric) keep their verdict, and each one that changes."""
+    if best.empty:
+        return "Checkpoint sensitivity: no comparison to test (no pair of finished runs)."
     if last.empty:
         return ("Checkpoint sensitivity: no run scored its last epoch's weights (runs made before this was "
                 "measured), so the verdict is for the best checkpoints only.")
