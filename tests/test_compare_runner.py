@@ -196,9 +196,10 @@ def test_another_comparison_reuses_finished_runs_of_the_same_key(setup, single, 
     (tmp / "subset.yaml").write_text(f"extends: {tmp / 'grid.yaml'}\nname: subset\nmethods:\n"
                                      "  - {name: ls, label: LS, loss: ls, grid: {alpha: [0.1, 0.2]}}\n"
                                      "  - {name: mbls, label: MbLS, loss: mbls, grid: {margin: [10]}}\n")
-    tmp_, cfg, over = setup
+    _, cfg, over = setup
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/single.db")
-    out = runner.run_comparison("blobs", str(tmp / "subset.yaml"), overrides={**over, "output_dir": str(tmp / "single")},
-                                config_dir=cfg, reports_root=tmp / "reports-subset", quiet=True, seeds=[0, 1])
+    out = runner.run_comparison("blobs", str(tmp / "subset.yaml"), config_dir=cfg, quiet=True, seeds=[0, 1],
+                                overrides={**over, "output_dir": str(tmp / "single")},
+                                reports_root=tmp / "reports-subset")
     assert out["trained"] == [] and len(out["skipped"]) == 6
     assert "6 runs expected by the grid, 6 present: 6 finished" in report_text(out)
