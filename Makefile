@@ -139,6 +139,13 @@ compare: $(STAMP)
 		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
 		$(if $(MARGINS),--margins "$(MARGINS)") $(ARGS)
 
+.PHONY: reanalyse
+## the seed-level verdict of an existing report from its folder alone (per_volume.csv, summary.json), into
+##   <folder>/reanalysis.md: make reanalyse REPORT_DIR=reports/mni/penalties [MARGINS=ece=0.003]
+reanalyse: $(STAMP)
+	@test -n "$(REPORT_DIR)" || { echo "usage: make reanalyse REPORT_DIR=reports/<dataset>/<grid> [MARGINS=…]"; exit 2; }
+	$(PY) -m pipeline.compare.reanalyse "$(REPORT_DIR)" $(if $(MARGINS),--margins "$(MARGINS)")
+
 .PHONY: check-statistics
 ## the verdict's procedure on simulated comparisons: false-positive rate, interval coverage and false equivalence of
 ##   the seed-level statistics against the (seed, volume)-pair ones: make check-statistics [ARGS="--sims 500"]

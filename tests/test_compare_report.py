@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 
 from pipeline.compare import write_report
 from pipeline.compare.data import prepare_runs, prepare_volumes
+from pipeline.compare.reanalyse import reanalyse
 from pipeline.compare.selection import select_settings
 from pipeline.compare.statistics import compare_methods, paired_differences
 from pipeline.compare.verdict import verdict_paragraph
@@ -54,9 +56,11 @@ def test_every_file_is_written_and_linked(report):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in md
     assert not (folder / "fig7_backbones.png").exists()  # one backbone: no Fig. 7
-    assert md.splitlines()[2].startswith("**Verdict**")
-    assert md.splitlines()[4].startswith("Checkpoint sensitivity: tested with the last epoch's weights")
-    assert md.splitlines()[6].startswith("**Protocol.**") and "2 epochs" in md.splitlines()[6]
+    blocks = md.split("\n\n")
+    assert blocks[1].startswith("**Verdict**") and blocks[2].startswith("- `unet`, MbLS")
+    assert blocks[3].startswith("Differences are MbLS − other")
+    assert blocks[4].startswith("Checkpoint sensitivity: tested with the last epoch's weights")
+    assert blocks[5].startswith("**Protocol.**") and "2 epochs" in blocks[5]
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Paired statistics", "Checkpoint sensitivity",
                     "Rankings", "## Runs"):
         assert heading in md
@@ -205,9 +209,25 @@ def test_a_comparison_where_nothing_finished_still_reports_every_run(tmp_path):
     runs, vols = make_data(grid)
     runs["status"] = "FAILED"
     md = write_report(tmp_path, runs, vols.iloc[0:0][["key", "id"]], grid).read_text()
-    assert "Backbone `unet`: no verdict, MbLS has no finished run." in md
+    assert "- Backbone `unet`: no verdict, MbLS has no finished run." in md
     assert "Holm" not in md.split("**Protocol.**")[0]
     assert "0 finished, 8 failed" in md
     assert all(f"`{k}`" in md for k in runs["key"])
     assert not list(tmp_path.glob("*.png"))
     assert json.loads((tmp_path / "summary.json").read_text())["selection"] == []
+
+
+def test_reanalysis_from_the_report_folder_alone_gives_the_report_statistics(report, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("per_volume.csv", "summary.json"):
+        shutil.copy(report["folder"] / name, folder / name)
+    out = reanalyse(folder)
+    got = out["statistics"].set_index("metric")
+    for row in report["summary"]["statistics"]:
+        assert got.loc[row["metric"], "verdict"] == row["verdict"]
+        for k in ("n_seeds", "n_pairs", "diff", "ci_low", "ci_high", "p", "p_tost"):
+            assert got.loc[row["metric"], k] == pytest.approx(row[k])
+    assert (folder / "reanalysis.md").read_text().startswith("# Seed-level reanalysis of `tiny` on `blobs`")
+    with pytest.raises(FileNotFoundError, match="per_volume.csv is missing"):
+        reanalyse(tmp_path)

@@ -212,8 +212,8 @@ def log_verdict(client, parent: str, folder: Path, own_children: dict[str, list]
     p_tost_holm}`` and tags ``verdict/<other>/<metric>`` (the word) per comparison (``<backbone>/`` first with
     several backbones); the comparison's own finished children carry ``compare.selected`` = ``true`` or ``false``."""
     summary = json.loads((folder / "summary.json").read_text())
-    lines = (folder / "report.md").read_text().split("\n\n")
-    note = "\n\n".join(p for p in lines if p.startswith(("**Verdict**", "Checkpoint sensitivity")))
+    text = (folder / "report.md").read_text()
+    note = text[text.index("**Verdict**"):text.index("**Protocol.**")].strip()  # verdict and checkpoint sensitivity
     multi = len(summary["grid"]["backbones"]) > 1
     if len(note) > NOTE_LIMIT:  # MLflow keeps tag values up to 8000 characters
         note = note[:NOTE_LIMIT - 60].rsplit(" ", 1)[0] + " … (the whole verdict: report/report.md)"

@@ -26,7 +26,9 @@ SELECTION_RULE = ("per backbone and method, the setting with the best mean valid
 
 
 def _seeds(n) -> str:
-    return "more seeds than can be estimated" if not finite(n) else f"about {int(n)} seeds"
+    if not finite(n):
+        return "more seeds than can be estimated"
+    return "over 1000 seeds" if n > 1000 else f"about {int(n)} seeds"
 
 
 def clause(row, other_label: str, ref_label: str, n_seeds: int | None = None) -> str:
@@ -64,7 +66,8 @@ def clause(row, other_label: str, ref_label: str, n_seeds: int | None = None) ->
 
 def verdict_paragraph(comparison: pd.DataFrame, selection: pd.DataFrame, runs: pd.DataFrame, grid: dict,
                       alpha: float = ALPHA) -> str:
-    """The report's first paragraph: per backbone, the reference against every other method, per metric.
+    """The report's verdict: a head line, one list item per (backbone, other method) with a clause per metric, and
+    the paragraph that says how the verdict was reached.
 
     Args:
         comparison: from :func:`pipeline.compare.statistics.compare_methods` (best checkpoints).
@@ -79,22 +82,23 @@ def verdict_paragraph(comparison: pd.DataFrame, selection: pd.DataFrame, runs: p
     for backbone in grid["backbones"]:
         chosen = selection[selection["backbone"] == backbone]
         if grid["reference"] not in set(chosen["method"]):
-            sentences.append(f"Backbone `{backbone}`: no verdict, {ref} has no finished run.")
+            sentences.append(f"- Backbone `{backbone}`: no verdict, {ref} has no finished run.")
             continue
         part = comparison[comparison["backbone"] == backbone]
         if part.empty:
-            sentences.append(f"Backbone `{backbone}`: no verdict, no other method has a finished run on a seed "
+            sentences.append(f"- Backbone `{backbone}`: no verdict, no other method has a finished run on a seed "
                              f"{ref} finished.")
             continue
-        parts = []
+        setting = chosen[chosen["method"] == grid["reference"]]["setting"].iloc[0]
+        what = f"`{backbone}`, {ref}{f' ({setting})' if setting else ''}"
         for other, g in part.groupby("other", sort=False):
             seeds = int(g["n_seeds"].max())
             words = "; ".join(clause(r, labels[other], ref, seeds) for r in g.itertuples())
-            parts.append(f"against {labels[other]} ({seeds} seed{'s' if seeds != 1 else ''}): {words}")
-        setting = chosen[chosen["method"] == grid["reference"]]["setting"].iloc[0]
-        sentences.append(f"Backbone `{backbone}`, {ref}{f' ({setting})' if setting else ''} " + "; ".join(parts)
-                         + ".")
-    return " ".join([head] + sentences + ([method_note(comparison, grid, alpha)] if len(comparison) else []))
+            sentences.append(f"- {what} against {labels[other]} ({seeds} seed{'s' if seeds != 1 else ''}): {words}.")
+    blocks = [head, "\n".join(sentences)]
+    if len(comparison):
+        blocks.append(method_note(comparison, grid, alpha))
+    return "\n\n".join(blocks)
 
 
 def method_note(comparison: pd.DataFrame, grid: dict, alpha: float = ALPHA) -> str:
