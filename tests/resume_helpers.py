@@ -12,6 +12,9 @@ from pipeline.losses import CrossEntropy
 
 #: environment of :class:`StallingCrossEntropy`: the marker file it writes, and the call at which it stalls
 MARKER_ENV, AT_ENV = "MBLS_TEST_STALL_MARKER", "MBLS_TEST_STALL_AT"
+#: environment of ``tests/resume_worker.py``: where else it stalls (``write-last:N``, ``write-best:N``, ``evaluation``)
+STALL_ENV = "MBLS_TEST_STALL_IN"
+WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 
 
 class StallingCrossEntropy(CrossEntropy):
@@ -33,8 +36,10 @@ class StallingCrossEntropy(CrossEntropy):
 
 
 def train_command(config_dir: Path, data_dir: Path, runs: Path, run_name: str, epochs: int,
-                  overrides: dict) -> list[str]:
-    """``python -m pipeline train`` of a tiny blob run (stalling cross-entropy) with ``overrides`` as ``--set``."""
+                  overrides: dict, worker: bool = False) -> list[str]:
+    """``python -m pipeline train`` of a tiny blob run (stalling cross-entropy) with ``overrides`` as ``--set``;
+    ``worker``: the same through ``tests/resume_worker.py`` (which can also stall in a write or the evaluation)."""
     sets = [f"{k}={v}" for k, v in {"data_dir": data_dir, "output_dir": runs, **overrides}.items()]
-    return [sys.executable, "-m", "pipeline", "train", "--dataset", "blobs", "--loss", "ce", "--epochs", str(epochs),
+    start = [sys.executable, str(WORKER)] if worker else [sys.executable, "-m", "pipeline", "train"]
+    return [*start, "--dataset", "blobs", "--loss", "ce", "--epochs", str(epochs),
             "--run-name", run_name, "--quiet", *[a for s in sets for a in ("--set", s)]]
