@@ -30,8 +30,9 @@ from tests.tracking_helpers import ready_store
 
 EPOCHS = 4
 LOSS = {"_target_": "tests.resume_helpers.StallingCrossEntropy"}
-CHEAP_EVALUATION = {"evaluation::noise::sigmas": [0.0], "evaluation::lts::iterations": 5,
-                    "evaluation::maps::volumes": 0, "evaluation::maps::slices": 0}
+CHEAP_EVALUATION = {"evaluation::noise::sigmas": [], "evaluation::posthoc": ["ts"], "evaluation::ts::max_iter": 5,
+                    "evaluation::maps::volumes": 0, "evaluation::maps::slices": 0, "evaluation::logits": False,
+                    "evaluation::monai_calibration_error": False, "evaluation::last_weights": False}
 ITERATIONS = {3: 6, 4: 5}  # 18 training slices: 6 full batches of 3, or 4 of 4 and one of 2
 #: name: (batch size, checkpoint_interval, where it stalls, signal)
 KILLS = {
