@@ -232,7 +232,8 @@ def check_training_values(parser) -> None:
         try:
             value = parser.get_parsed_content(key)
         except Exception as e:  # an expression that fails, e.g. lr_step from epochs=abc
-            raise ValueError(f"config key '{key}' ({what}) cannot be evaluated ({parser.get(key)!r}: {e}); "
+            cause = " ".join(str(e.__cause__ or e).split())  # MONAI's wrapper says only which expression
+            raise ValueError(f"config key '{key}' ({what}) cannot be evaluated ({parser.get(key)!r}: {cause}); "
                              f"expected {allowed}") from None
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = number and math.isfinite(value) and (not whole or float(value).is_integer())
