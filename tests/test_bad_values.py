@@ -12,8 +12,8 @@ import torch
 
 from pipeline import cli
 from pipeline.config import load_config, parse_assignments, parse_value
-from pipeline.data.mni import MNI152Slabs
 from pipeline.data.loading import NonFiniteImageError
+from pipeline.data.mni import MNI152Slabs
 from pipeline.data.prepare import prepare_data
 from pipeline.engines import NonFiniteLossError
 from pipeline.training import run_training
