@@ -19,7 +19,8 @@ WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 
 class StallingCrossEntropy(CrossEntropy):
     """Cross-entropy. When the environment sets :data:`MARKER_ENV` and :data:`AT_ENV`, its ``AT``-th call (counted
-    from 1 in this process) writes the process id to the marker file and sleeps, mid-epoch, until it is killed.
+    from 1 in this process) writes the process id to the marker file (``<marker>.rank<r>`` under torchrun) and sleeps,
+    mid-epoch, until it is killed.
     Without them it is plain cross-entropy, so a run under test and its reference compute the same."""
 
     def __init__(self) -> None:
@@ -30,7 +31,8 @@ class StallingCrossEntropy(CrossEntropy):
         self.calls += 1
         marker, at = os.environ.get(MARKER_ENV), os.environ.get(AT_ENV)
         if marker and at and self.calls == int(at):
-            Path(marker).write_text(str(os.getpid()))
+            rank = os.environ.get("RANK")  # under torchrun: one marker per process, <marker>.rank<r>
+            Path(marker if rank is None else f"{marker}.rank{rank}").write_text(str(os.getpid()))
             time.sleep(600)
         return super()._forward(logits, labels)
 
