@@ -66,7 +66,7 @@ def _weights(run_dir) -> dict:
     folder = run_dir / "checkpoints"
     (best,) = folder.glob("best*.pt")
     return {"last": torch.load(folder / LAST, weights_only=True), "best": torch.load(best, weights_only=True),
-            "best_name": best.name}  # best: the bare state dict of MONAI's CheckpointSaver
+            "best_name": best.name}  # best: a bare state dict (pipeline.checkpoints.BestWeights)
 
 
 def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkeypatch, capsys):
