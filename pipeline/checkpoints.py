@@ -9,9 +9,16 @@ training time so far, and every random state that shapes the next epochs: torch 
 augmentation transform. Loaded into a freshly built run (same config, same seed), the remaining epochs then give the
 same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
 
+With several processes each rank's own random states are kept (rank ``r`` draws its own augmentation and dropout),
+and each rank gets its own back.
+
 A checkpoint is never written from weights that are NaN or infinite (:class:`pipeline.engines.NonFiniteLossError`
 is raised instead), and nothing is written when training stops on an error: ``last.pt`` is always the last good
 epoch.
+
+A kill at any instant leaves a resumable folder: ``last.pt`` and the best-weights files (:class:`BestWeights`) are
+written atomically, and a best-weights file that ``last.pt`` names is kept until a newer ``last.pt`` names another
+(:meth:`TrainingCheckpoint.tidy` then removes it, with the temporary files of writes that a kill interrupted).
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.transforms import Randomizable
 
+from pipeline.collectives import gather_values, rank, world_size
 from pipeline.engines import NonFiniteLossError
 from pipeline.io import atomic_path
 
@@ -39,6 +49,8 @@ log = logging.getLogger("pipeline")
 
 LAST = "last.pt"
 FORMAT = 1
+#: the name prefix of the best-weights files and of the temporary files of atomic writes (:func:`atomic_path`)
+BEST_PREFIX, TEMPORARY_PREFIX = "best_", ".tmp-"
 
 
 class TrainingTerminated(KeyboardInterrupt):
@@ -167,6 +179,53 @@ def save_durably(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+class _KeepReplaced(BaseSaveHandler):
+    """Ignite save handler of :class:`BestWeights`: rank 0 writes each file with :func:`save_durably`; the file a
+    better one replaces is left in place (:meth:`TrainingCheckpoint.tidy` removes it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if rank() == 0:
+            save_durably(checkpoint, self.folder / filename)
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
+class BestWeights:
+    """The best validation weights, ``checkpoints/best_network_key_metric=<DSC>.pt``: Ignite's ``Checkpoint`` on
+    the evaluator's epoch end, keeping the file of the highest ``metric`` (a bare state dict, under the name MONAI's
+    ``CheckpointSaver`` gives it).
+
+    Two differences from a plain saver make a kill at any instant harmless: a file is written atomically and
+    flushed (a kill during the write leaves the previous one whole), and the file a better one replaces stays until
+    a newer ``last.pt`` names its successor (the ``last.pt`` on disk may still name it: a run killed before its next
+    ``last.pt`` continues from there and needs it).
+
+    Args:
+        folder: the run's ``checkpoints/`` folder.
+        network: the network whose weights are saved.
+        metric: the evaluator's key metric (higher is better).
+    """
+
+    def __init__(self, folder: str | os.PathLike, network: torch.nn.Module, metric: str = "val/dsc") -> None:
+        self.folder = Path(folder)
+        self.checkpoint = Checkpoint({"network": network}, _KeepReplaced(self.folder), filename_prefix="best",
+                                     score_function=lambda engine: float(engine.state.metrics[metric]),
+                                     score_name="key_metric", n_saved=1)
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.checkpoint)
+
+    @property
+    def path(self) -> Path | None:
+        """The file of the best weights so far (``None`` before the first validation)."""
+        last = self.checkpoint.last_checkpoint
+        return None if last is None else self.folder / Path(last).name
+
+
 class TrainingCheckpoint:
     """Ignite handler writing the resumable state (``last.pt``) at the end of every ``interval``-th epoch and of the
     last one; :meth:`load` puts such a state back into a freshly built run.
@@ -179,14 +238,16 @@ class TrainingCheckpoint:
         network, optimizer: the trained network and its optimizer.
         scheduler: the LR scheduler (``None`` for none).
         evaluator: the validation engine (its best metric and best epoch are kept).
-        best_saver: MONAI's best-metric ``CheckpointSaver`` on the evaluator (its record of the best file is kept).
+        best_saver: the :class:`BestWeights` on the evaluator (its record of the best file is kept).
         generator: the training loader's shuffling generator.
         transforms: the augmentation transforms (e.g. the training ``SliceDataset.transform``).
         interval: write every ``interval`` epochs (default 1); the last epoch is always written.
+
+    With several processes attach it in every process: each one's random states are gathered, rank 0 writes.
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler=None, evaluator: Engine | None = None, best_saver=None,
+                 scheduler=None, evaluator: Engine | None = None, best_saver: BestWeights | None = None,
                  generator: torch.Generator | None = None, transforms: Any = None, interval: int = 1) -> None:
         if int(interval) < 1:
             raise ValueError(f"checkpoint_interval must be a whole number >= 1, got {interval}")
@@ -195,6 +256,7 @@ class TrainingCheckpoint:
         self.evaluator, self.best_saver = evaluator, best_saver
         self.generator, self.transforms = generator, transforms
         self.interval = int(interval)
+        self.warning: str | None = None  # set by load when the random states cannot all be restored
         self.seconds_before = 0.0  # training time of the earlier processes of a resumed run
         self._t0: float | None = None
 
@@ -214,10 +276,13 @@ class TrainingCheckpoint:
         if epoch % self.interval == 0 or epoch == trainer.state.max_epochs:
             self.save(trainer)
 
-    def _best_record(self):
-        return getattr(self.best_saver, "_key_metric_checkpoint", None)
+    def _best_record(self) -> Checkpoint | None:
+        return None if self.best_saver is None else self.best_saver.checkpoint
 
     def state_dict(self, trainer: Engine) -> dict:
+        """The state to write; with several processes every process must call it (their random states are
+        gathered)."""
+        ranks = gather_values(rng_states(self.generator, self.transforms))
         best = self._best_record()
         ev = None if self.evaluator is None else self.evaluator.state
         return {
@@ -230,14 +295,16 @@ class TrainingCheckpoint:
             "best": {"metric": None if ev is None else float(ev.best_metric),
                      "epoch": None if ev is None else int(ev.best_metric_epoch),
                      "saver": None if best is None else dict(best.state_dict()),
-                     "checkpoint": None if best is None or best.last_checkpoint is None
-                     else str(best.last_checkpoint)},
+                     "checkpoint": None if self.best_saver is None or self.best_saver.path is None
+                     else str(self.best_saver.path)},
             "train_seconds": self.train_seconds(),
-            "rng": rng_states(self.generator, self.transforms),
+            "rng": ranks[0],
+            "rng_ranks": ranks,  # rank r's states at r (rank 0's alone in a one-process run)
         }
 
     def save(self, trainer: Engine) -> Path:
-        """Write the state after ``trainer``'s current epoch.
+        """Write the state after ``trainer``'s current epoch (rank 0 writes, every process must call it), then
+        :meth:`tidy` the folder.
 
         Raises:
             NonFiniteLossError: the weights hold NaN or infinite values (the previous ``last.pt`` is kept).
@@ -249,7 +316,31 @@ class TrainingCheckpoint:
                 f"the network's weights hold NaN or infinite values after epoch {trainer.state.epoch} ({bad[0]}"
                 f"{' and others' if len(bad) > 1 else ''}); training stopped, the last good checkpoint {self.path} "
                 "is kept. Lower the learning rate, or check the data.")
-        return save_durably(self.state_dict(trainer), self.path)
+        state = self.state_dict(trainer)
+        if rank() == 0:
+            save_durably(state, self.path)
+            self.tidy()
+        return self.path
+
+    def tidy(self) -> list[Path]:
+        """Remove from the checkpoint folder what ``last.pt`` does not need: the best-weights files other than the
+        one of the best record (a better file written after the last ``last.pt`` of a killed run, or the file a
+        newer best replaced) and the temporary files of writes a kill interrupted. Returns what was removed.
+
+        Call it in the one process that writes, after loading (or without) ``last.pt``: the record then matches it.
+        """
+        keep = None if self.best_saver is None else self.best_saver.path
+        folder = self.path.parent
+        if not folder.is_dir():
+            return []
+        stale = [p for p in folder.iterdir() if p.is_file() and (
+            p.name.startswith(TEMPORARY_PREFIX) or (p.name.startswith(BEST_PREFIX) and p.suffix == ".pt"
+                                                     and p != keep))]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed from %s: %s", folder, ", ".join(sorted(p.name for p in stale)))
+        return stale
 
     def load(self, trainer: Engine, path: str | os.PathLike | None = None) -> dict:
         """Put the state of ``path`` (default :attr:`path`) into the run: weights, optimizer, scheduler, the
@@ -257,6 +348,7 @@ class TrainingCheckpoint:
 
         Raises:
             ValueError: a checkpoint of another format or of another run length (``epochs``).
+            FileNotFoundError: the best-weights file it names is missing (removed by hand?).
         """
         path = Path(path or self.path)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -282,5 +374,15 @@ class TrainingCheckpoint:
         if record is not None and best["saver"] is not None:
             record.load_state_dict(best["saver"])
         self.seconds_before = float(state.get("train_seconds", 0.0))
-        set_rng_states(state["rng"], self.generator, self.transforms)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != world_size():
+            self.warning = (f"{path} was written by {len(ranks)} process(es), this run has {world_size()}: the random "
+                            "states of augmentation and shuffling are not those of an uninterrupted run, so the "
+                            "continued run is not bit for bit the same")
+            log.warning(self.warning)
+        set_rng_states(ranks[rank()] if rank() < len(ranks) else ranks[0], self.generator, self.transforms)
+        best_file = None if self.best_saver is None else self.best_saver.path
+        if rank() == 0 and best_file is not None and not best_file.is_file():
+            raise FileNotFoundError(f"{path} names the best weights {best_file}, which are missing: the "
+                                    "run cannot continue as it was; start a new run")
         return state

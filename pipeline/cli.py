@@ -68,12 +68,13 @@ def resume_parser(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.checkpoints import TrainingTerminated
     from pipeline.tracking_store import TrackingStoreError
-    from pipeline.training import run_training
+    from pipeline.training import default_run_name, run_training
 
     if args.resume:
         parser, run_name = resume_parser(args)
-    else:
-        parser, run_name = build_parser(args), args.run_name
+    else:  # named here, so that a stopped run's message names it
+        parser = build_parser(args)
+        run_name = args.run_name or default_run_name(parser)
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
     try:
         out = run_training(parser, run_name=run_name, quiet=args.quiet)

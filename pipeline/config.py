@@ -8,6 +8,7 @@ replaces a top-level key, ``a::b`` keys reach into nested ones, ``+key`` merges)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -198,3 +199,44 @@ def apply_overrides(parser, overrides: dict[str, Any] | None, what: str = "the c
         if not parent and leaf not in parser.get():
             raise KeyError(f"cannot override '{key}': {what} has no top-level key '{leaf}'")
         parser[key] = value
+
+
+#: the numbers of a training run: ``key: (whole number?, smallest, smallest allowed, largest, what it is)``
+TRAINING_NUMBERS = {
+    "epochs": (True, 1, True, None, "training epochs"),
+    "batch_size": (True, 1, True, None, "training slices per batch"),
+    "val_interval": (True, 1, True, None, "epochs between two validations"),
+    "checkpoint_interval": (True, 1, True, None, "epochs between two writes of checkpoints/last.pt"),
+    "lr_step": (True, 1, True, None, "epochs between two learning-rate decays"),
+    "lr": (False, 0, False, None, "the learning rate"),
+    "lr_gamma": (False, 0, False, None, "the learning-rate decay factor"),
+    "num_workers": (True, 0, True, None, "data-loading worker processes"),
+    "seed": (True, 0, True, 2**32 - 1, "the random seed"),
+    "n_bins": (True, 1, True, None, "calibration bins"),
+    "cache_memory_fraction": (False, 0, False, 1, "the share of the available memory the cache may take"),
+}
+
+
+def check_training_values(parser) -> None:
+    """Refuse a training config whose numbers (:data:`TRAINING_NUMBERS`) are of the wrong type or out of range,
+    before anything is created.
+
+    Raises:
+        ValueError: naming the key, the value and the allowed range.
+    """
+    for key, (whole, low, low_allowed, high, what) in TRAINING_NUMBERS.items():
+        if key not in parser.get():
+            continue
+        kind = "a whole number" if whole else "a number"
+        allowed = f"{kind} {'>=' if low_allowed else '>'} {low}" + ("" if high is None else f" and <= {high}")
+        try:
+            value = parser.get_parsed_content(key)
+        except Exception as e:  # an expression that fails, e.g. lr_step from epochs=abc
+            cause = " ".join(str(e.__cause__ or e).split())  # MONAI's wrapper says only which expression
+            raise ValueError(f"config key '{key}' ({what}) cannot be evaluated ({parser.get(key)!r}: {cause}); "
+                             f"expected {allowed}") from None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number and math.isfinite(value) and (not whole or float(value).is_integer())
+        ok = ok and (value >= low if low_allowed else value > low) and (high is None or value <= high)
+        if not ok:
+            raise ValueError(f"config key '{key}' ({what}) must be {allowed}, got {value!r}")

@@ -16,13 +16,6 @@ from pipeline.config import REPO_ROOT
 from pipeline.tracking import tracking_uri
 
 
-def best_checkpoint(saver) -> Path | None:
-    """The file the best-metric ``CheckpointSaver`` wrote last (``None`` before any)."""
-    ckpt = getattr(saver, "_key_metric_checkpoint", None)
-    last = getattr(ckpt, "last_checkpoint", None) if ckpt is not None else None
-    return None if last is None else Path(last)
-
-
 def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a checkpoint written by the trainer (a bare state dict or ``{"network": state dict}``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -225,6 +225,17 @@ class RunTracker:
         self.journal = None if journal is None else Path(journal)
         self.journaled = 0
         self._outage_until = 0.0
+        self.logged_steps: dict[str, set[int]] = {}  # (metric, step) pairs log_metrics leaves out
+
+    def skip_logged_steps(self) -> int:
+        """From now on leave out of :meth:`log_metrics` every (metric, step) the run's MLflow history has already
+        (a continued run computes its lost epochs again: each step stays one value). Returns how many there are."""
+        try:
+            keys = list(self.client.get_run(self.run_id).data.metrics)
+            self.logged_steps = {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+        except TRACKING_ERRORS:
+            self.logged_steps = {}  # the store is down: the journal keeps the writes; the sync adds them
+        return sum(len(v) for v in self.logged_steps.values())
 
     @classmethod
     def resume(cls, run_id: str, uri: str | None = None, restart: bool = False) -> RunTracker:
@@ -323,7 +334,8 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, finite_only: bool = True) -> None:
         """Log metrics at ``step``; ``finite_only``: leave out NaN and infinite values."""
         now = int(time.time() * 1000)
-        values = {str(k): float(v) for k, v in metrics.items() if v is not None}
+        values = {str(k): float(v) for k, v in metrics.items()
+                  if v is not None and step not in self.logged_steps.get(str(k), ())}
         items = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v) or not finite_only]
         if not items:
             return

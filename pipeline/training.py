@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigParser
-from monai.handlers import CheckpointSaver
 from monai.utils import set_determinism
 
 from pipeline.accelerator import amp_dtype, configure_amp, to_channels_last
-from pipeline.checkpoints import LAST, TrainingCheckpoint, stop_on_sigterm
+from pipeline.checkpoints import LAST, BestWeights, TrainingCheckpoint, stop_on_sigterm
 from pipeline.collectives import barrier
+from pipeline.config import check_training_values
 from pipeline.data.prepare import PreparedData, data_fingerprint, prepare_data, split_cases
 from pipeline.distributed import DistributedRun, NullTracker
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
 from pipeline.resume import plan_run, write_record
-from pipeline.runs import best_checkpoint, load_weights
+from pipeline.runs import load_weights
 from pipeline.tracking import flatten, git_commit, tracking_uri
 from pipeline.tracking_store import check_store
 
@@ -66,10 +66,11 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     def value(key: str):
         return parser.get_parsed_content(key)
 
+    check_training_values(parser)  # a bad number fails now, before any folder, MLflow run or data work
     seed = int(value("seed"))
     set_determinism(seed=seed)
     names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
-    run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
+    run_name = run_name or default_run_name(parser)
     dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
     run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
     uri = tracking_uri()
@@ -108,6 +109,8 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
                                             sort_keys=False)
             write_json_atomic(run_dir / "splits.json", data.split)
         tracker = start.open_tracker(value("experiment_name"), run_name, {**names, **(tags or {})}, uri)
+        if start.resume:
+            tracker.skip_logged_steps()  # the epochs done again after the last checkpoint: one value per step
     with tracker, start or nullcontext(), stop_on_sigterm():
         tracker.log_params({**_params(parser, names, data, loader, run_dir, device, amp), **dist.params()},
                            skip_logged=start is not None and start.resume)
@@ -125,10 +128,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         dist.attach(trainer, evaluator, network)
         if amp:
             configure_amp(amp_dtype(device), trainer)
-        best_saver = CheckpointSaver(
-            save_dir=str(run_dir / "checkpoints"), save_dict={"network": network}, save_key_metric=True,
-            key_metric_name="val/dsc", key_metric_n_saved=1, file_prefix="best",
-        )
+        best_saver = BestWeights(run_dir / "checkpoints", network, "val/dsc")
         best_saver.attach(evaluator)
         tracker.engine_handler().attach(trainer)
         tracker.engine_handler().attach(evaluator)
@@ -141,16 +141,29 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
                 pbar.log_message(line) if sys.stderr.isatty() else print(line, flush=True)
             log.info(line)
 
+        def announce(line: str) -> None:  # how the run starts: printed even when quiet, by rank 0
+            if dist.is_primary:
+                print(line, file=sys.stderr, flush=True)
+            log.info(line)
+
         PeriodicValidation(evaluator, int(value("val_interval")), epochs, report).attach(trainer)
         checkpoint = TrainingCheckpoint(  # the last of the epoch's handlers: it saves the epoch as finished
             run_dir / "checkpoints" / LAST, network, optimizer, scheduler, evaluator, best_saver,
             getattr(loader, "generator", None), getattr(loader.dataset, "transform", None),
             int(value("checkpoint_interval")))
-        if dist.is_primary:  # rank 0 writes; every process loads when a run continues
-            checkpoint.attach(trainer)
+        checkpoint.attach(trainer)  # every process: each one's random states are kept; rank 0 writes
         if resume_from:
             done = checkpoint.load(trainer, resume_from)["epoch"]
-            report(f"resumed {run_dir.name} after epoch {done}/{epochs} from {resume_from}")
+            announce(f"resumed {run_dir.name} from {resume_from}: epochs 1-{done} of {epochs} were done, "
+                     + (f"continuing with epoch {done + 1}" if done < epochs else "continuing with the evaluation"))
+            if checkpoint.warning:
+                announce(f"warning: {checkpoint.warning}")
+        elif start is not None and start.resume:
+            announce(f"restarting {run_dir.name} from epoch 1: it stopped before its first checkpoint "
+                     f"({run_dir / 'checkpoints' / LAST} is written every {checkpoint.interval} epoch(s)); the "
+                     "epochs it logged are not logged again")
+        if dist.is_primary:
+            checkpoint.tidy()  # best-weights files last.pt does not name, temporary files of interrupted writes
 
         if trainer.state.epoch < epochs:
             trainer.run()
@@ -158,7 +171,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         if not dist.finish_training():  # rank 0 alone goes on to post-hoc fitting, test evaluation and reports
             return {"run_id": None, "run_dir": run_dir, "primary": False}
 
-        best = best_checkpoint(best_saver)
+        best = best_saver.path
         last_state = {k: v.detach().clone() for k, v in network.state_dict().items()}  # the last epoch's weights
         if best is not None:
             load_weights(network, best)
@@ -175,6 +188,12 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     return {"run_id": tracker.run_id, "run_dir": run_dir, "primary": True, "results": out["results"],
             "table": out["table"], "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
             "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
+
+
+def default_run_name(parser) -> str:
+    """A new run's name: ``<dataset>-<loss>-<backbone>-<date>-<time>-<4 hex digits>``."""
+    names = [parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")]
+    return "-".join([*names, time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
 
 
 def _params(parser, names: dict, data: PreparedData, loader, run_dir: Path, device, amp: bool) -> dict:

@@ -1,5 +1,6 @@
 """Bad values: numbers such as ``1e6`` parse as numbers (command line and config files), a NaN stop keeps the last
-good checkpoint, and every image with NaN/Inf values is named at once."""
+good checkpoint, every image with NaN/Inf values is named at once, a training number out of range is refused before
+anything is created (exit 2, naming the key and the range), and a damaged prepared ``mni`` file is named."""
 
 import re
 import shutil
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import cli
 from pipeline.config import load_config, parse_assignments, parse_value
 from pipeline.data.loading import NonFiniteImageError
+from pipeline.data.mni import MNI152Slabs
 from pipeline.data.prepare import prepare_data
 from pipeline.engines import NonFiniteLossError
 from pipeline.training import run_training
@@ -104,3 +107,60 @@ def test_every_image_with_nan_or_inf_is_named_at_once(blobs, tmp_path, cache):
     assert re.search(r"case case04: \d+ NaN or infinite value\(s\) in 'image' .*case04\.nii\.gz", msg)  # test split
     if cache == "disk":
         assert not list((tmp_path / "cache").glob("case01-*.pt"))  # nothing cached for a bad case
+
+
+@pytest.mark.parametrize("args, key, allowed", [
+    (["--epochs", "0"], "epochs", "a whole number >= 1, got 0"),
+    (["--epochs", "-5"], "epochs", "a whole number >= 1, got -5"),
+    (["--set", "epochs=abc"], "epochs", "a whole number >= 1, got 'abc'"),
+    (["--set", "epochs=2.5"], "epochs", "a whole number >= 1, got 2.5"),
+    (["--set", "val_interval=0"], "val_interval", "a whole number >= 1, got 0"),
+    (["--set", "checkpoint_interval=0"], "checkpoint_interval", "a whole number >= 1, got 0"),
+    (["--set", "batch_size=0"], "batch_size", "a whole number >= 1, got 0"),
+    (["--set", "batch_size=true"], "batch_size", "a whole number >= 1, got True"),
+    (["--set", "lr=abc"], "lr", "a number > 0, got 'abc'"),
+    (["--set", "lr=-1e-3"], "lr", "a number > 0, got -0.001"),
+    (["--set", "lr_gamma=0"], "lr_gamma", "a number > 0, got 0"),
+    (["--set", "lr_step=0"], "lr_step", "a whole number >= 1, got 0"),
+    (["--set", "num_workers=-1"], "num_workers", "a whole number >= 0, got -1"),
+    (["--set", "seed=-1"], "seed", "a whole number >= 0 and <= 4294967295, got -1"),
+    (["--set", "n_bins=0"], "n_bins", "a whole number >= 1, got 0"),
+    (["--set", "cache_memory_fraction=1.5"], "cache_memory_fraction", "a number > 0 and <= 1, got 1.5"),
+])
+def test_a_bad_number_is_refused_before_anything_is_created(args, key, allowed, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    code = cli.main(["train", "--quiet", "--data-dir", str(tmp_path / "data"), "--set",
+                     f"output_dir={tmp_path / 'runs'}", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"config key '{key}' (" in err and f"must be {allowed}" in err, err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store, no prepared data
+
+
+def test_an_expression_that_fails_on_a_bad_number_names_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    parser = load_config("mni", "ce", "unet", {"epochs": 3, "lr_step": "$@epochs // 'x'"})
+    with pytest.raises(ValueError, match=r"config key 'lr_step' .* cannot be evaluated .*expected a whole number"):
+        run_training(parser, run_name="x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_epochs_not_a_number_on_the_command_line_names_the_option(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--epochs", "abc"])
+    assert stop.value.code == 2 and "argument --epochs: invalid int value: 'abc'" in capsys.readouterr().err
+
+
+def test_a_damaged_prepared_mni_file_is_named(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "mni"
+    MNI152Slabs(root).prepare()
+    image = root / "images" / "mni152_slab03.nii.gz"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # cut short, as by a full disk
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    code = cli.main(["train", "--quiet", "--epochs", "1", "--data-dir", str(root), "--set",
+                     f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "case mni152_slab03: images/mni152_slab03.nii.gz: truncated or corrupt gzip data" in err, err
+    assert f"delete {root} to prepare the dataset again" in err and "EOFError" not in err
+    assert not (tmp_path / "runs").exists()

@@ -3,6 +3,7 @@ started again end in the same run folder and MLflow run with the weights of an u
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,12 +12,21 @@ import mlflow
 import pytest
 import torch
 import yaml
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 import pipeline.training as training
 from pipeline import cli
-from pipeline.checkpoints import LAST, TrainingCheckpoint, random_transforms, rng_states, set_rng_states
+from pipeline.checkpoints import (
+    LAST,
+    TrainingCheckpoint,
+    TrainingTerminated,
+    random_transforms,
+    rng_states,
+    set_rng_states,
+)
 from pipeline.config import REPO_ROOT, load_config
+from pipeline.data.loading import train_loader
 from pipeline.engines import NonFiniteLossError
 from pipeline.locks import FileLock
 from pipeline.resume import RunBusyError, config_differences, plan_run, write_record
@@ -56,7 +66,7 @@ def _weights(run_dir) -> dict:
     folder = run_dir / "checkpoints"
     (best,) = folder.glob("best*.pt")
     return {"last": torch.load(folder / LAST, weights_only=True), "best": torch.load(best, weights_only=True),
-            "best_name": best.name}  # best: the bare state dict of MONAI's CheckpointSaver
+            "best_name": best.name}  # best: a bare state dict (pipeline.checkpoints.BestWeights)
 
 
 def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(blobs, monkeypatch, capsys):
@@ -229,3 +239,40 @@ def test_a_run_whose_process_is_gone_is_marked_killed_when_touched(tmp_path):
     other = RunTracker("e", "no-folder", uri=uri, tags={"process.pid": "999999999"})  # no lock file: by pid
     RunTracker.resume(other.run_id, uri)
     assert client.get_run(other.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("n_slices, batch_size", [(18, 4), (18, 3), (16, 4)])
+def test_the_shuffle_state_saved_after_an_epoch_is_the_next_epochs(n_slices, batch_size):
+    """The training loader's generator, saved at an epoch's end and restored into a new loader, gives the next
+    epochs the batches of an uninterrupted run, whether or not the batch size divides the number of slices (PyTorch's
+    RandomSampler made its last draw of an epoch lazily, at the next epoch's start when it divides)."""
+    volumes = [{"image": torch.zeros(1, 2, 2, n_slices // 2), "label": torch.zeros(1, 2, 2, n_slices // 2),
+                "id": name} for name in ("a", "b")]
+
+    def batches(resume_after=None, saved=None):
+        loader = train_loader(volumes, 2, None, batch_size)
+        seen, states = [], {}
+        engine = Engine(lambda e, b: seen.append((e.state.epoch, list(b["id"]), b["slice"].tolist())))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: states.update({e.state.epoch:
+                                                                                  loader.generator.get_state()}))
+        if resume_after:
+            loader.generator.set_state(saved)
+            engine.load_state_dict({"epoch": resume_after, "max_epochs": 4, "epoch_length": len(loader)})
+        engine.run(loader, max_epochs=4)
+        return seen, states
+
+    uninterrupted, states = batches()
+    for epoch in (1, 2):
+        resumed, _ = batches(epoch, states[epoch])
+        assert resumed == [b for b in uninterrupted if b[0] > epoch], (epoch, n_slices, batch_size)
+
+
+def test_a_stopped_run_without_a_name_is_named_in_the_line_to_continue_it(monkeypatch, capsys):
+    def stopped(parser, run_name=None, quiet=False):
+        raise TrainingTerminated("stopped by SIGTERM")
+
+    monkeypatch.setattr(training, "run_training", stopped)
+    assert cli.main(["train", "--epochs", "1", "--quiet"]) == 143
+    err = capsys.readouterr().err
+    assert "RESUME=None" not in err
+    assert re.search(r"`make train RESUME=mni-mbls-unet-\d{8}-\d{6}-[0-9a-f]{4}`", err), err

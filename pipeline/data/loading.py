@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
 from monai.transforms import Compose, Transform
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.data.validation import FileProblem, read_header
 from pipeline.io import save_torch_atomic
@@ -371,6 +371,21 @@ class SliceDataset(Dataset):
         return item
 
 
+class EpochStartSampler(RandomSampler):
+    """PyTorch's ``RandomSampler`` (the same indices from the same generator), drawing all of an epoch's random
+    numbers when the epoch's first batch is drawn.
+
+    ``RandomSampler`` makes a last, empty draw from its generator lazily, after the epoch's last index; when the
+    number of items is a multiple of the batch size that draw falls after the epoch ended (at the next epoch's
+    start), after ``last.pt`` saved the generator. Drawn at once, the generator saved at an epoch's end is the one
+    the next epoch starts from, so a resumed run shuffles as an uninterrupted one; an uninterrupted run draws the
+    same numbers in the same order as with ``RandomSampler``.
+    """
+
+    def __iter__(self):
+        return iter(list(super().__iter__()))
+
+
 def train_loader(
     volumes: Dataset,
     slice_axis: int,
@@ -388,9 +403,8 @@ def train_loader(
     if len(slices) == 0:
         raise ValueError("no training slice: the training split is empty or every slice was skipped")
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        slices, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=False, generator=generator
-    )
+    return DataLoader(slices, batch_size=batch_size, sampler=EpochStartSampler(slices, generator=generator),
+                      num_workers=num_workers, drop_last=False, generator=generator)
 
 
 def volume_loader(volumes: Dataset, num_workers: int = 0) -> DataLoader:

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from pipeline.data.sources import SPLITS, DatasetSource
+from pipeline.data.validation import FileProblem, check_cases, read_header
 from pipeline.io import building_folder, write_json_atomic
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
@@ -169,6 +170,17 @@ class MNI152Slabs(DatasetSource):
         for c in manifest["cases"]:
             out.append({**c, **{k: str(self.root / c[k]) for k in ("image", "label", "probs")}})
         return sorted(out, key=lambda c: c["id"])
+
+    def validate(self, cases: list[dict]) -> list[str]:
+        """The prepared files checked as any dataset's files are (a file damaged after its preparation, e.g. cut
+        short by a full disk, is named), the soft labels' headers and sizes too."""
+        problems = check_cases(cases, 1, range(len(CLASS_NAMES)), root=self.root)
+        for c in cases:
+            try:
+                read_header(c["probs"])
+            except FileProblem as e:
+                problems.append(f"{c['id']}: {os.path.relpath(c['probs'], self.root)}: {e}")
+        return [f"{p} (delete {self.root} to prepare the dataset again)" for p in problems]
 
     def split(self, cases: list[dict], seed: int) -> dict[str, list[str]]:
         """The spatial split is fixed by the slab roles (the seed plays no part)."""

@@ -31,7 +31,7 @@ from monai.data import DataLoader, ThreadDataLoader
 from monai.transforms import Compose
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.data.loading import SliceDataset
+from pipeline.data.loading import EpochStartSampler, SliceDataset
 
 
 def round_robin(items: Sequence, rank: int, world_size: int) -> list:
@@ -156,15 +156,18 @@ def augmentation(augment: Sequence[Callable] | Callable | None, seed: int) -> Co
 
 def slice_loader(slices: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
                  sampler: Sampler | None = None, device: torch.device | str = "cpu") -> DataLoader:
-    """Batches of training slices: shuffled by a generator seeded with ``seed``, or drawn by ``sampler``.
+    """Batches of training slices: shuffled by a generator seeded with ``seed`` (:class:`EpochStartSampler`), or
+    drawn by ``sampler``.
 
     On CUDA a MONAI ``ThreadDataLoader`` (a background thread keeps one batch ready) with pinned memory and
     persistent workers; elsewhere MONAI's ``DataLoader``. MONAI seeds the random transforms from the generator
     (``seed``), so give every process its own.
     """
+    generator = torch.Generator().manual_seed(int(seed))
+    if sampler is None:
+        sampler = EpochStartSampler(slices, generator=generator)
     options = {"batch_size": int(batch_size), "num_workers": int(num_workers), "drop_last": False,
-               "generator": torch.Generator().manual_seed(int(seed))}
-    options.update({"shuffle": True} if sampler is None else {"sampler": sampler})
+               "generator": generator, "sampler": sampler}
     if torch.device(device).type == "cuda":
         return ThreadDataLoader(slices, buffer_size=1, pin_memory=True, persistent_workers=num_workers > 0,
                                 **options)
