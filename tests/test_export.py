@@ -118,7 +118,7 @@ def test_project_components_are_vendored_verbatim_or_refused(tmp_path):
 
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
-    written = vendoring.write_scripts(bundle / "scripts", files, with_losses=True)
+    written = vendoring.write_scripts(bundle / "scripts", files, ["losses.py"])
     assert written == ["__init__.py", "losses.py", "padding.py", "transforms.py", "unet.py"]
     assert (bundle / "scripts" / "unet.py").read_text() == files["unet.py"].read_text()
     (bundle / "configs" / "train.json").write_text(json.dumps(config))
@@ -130,7 +130,7 @@ def test_project_components_are_vendored_verbatim_or_refused(tmp_path):
     (bundle / "configs" / "inference.json").write_text(json.dumps({"net": {"_target_": "pipeline.networks.X"}}))
     with pytest.raises(ValueError, match=r"inference.json uses the 'pipeline' package"):
         vendoring.check_self_contained(bundle)
-    assert vendoring.write_scripts(tmp_path / "none", {}, with_losses=False) == []
+    assert vendoring.write_scripts(tmp_path / "none", {}) == []
     assert not (tmp_path / "none").exists()
 
 
