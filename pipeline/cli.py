@@ -159,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"MLflow: artifacts {out['mlflow']['artifact_path']}, logged model {out['mlflow']['model_uri']}")
     if out["data_dir"]:
         print(f"the run's cases, in the bundle's data layout: {out['data_dir']}")
-    print(f"verify it: make verify-bundle NAME={dest}")
+    print(f"verify it: make verify-bundle NAME={dest} TRUST=1 (TRUST=1 runs its configs and scripts: code)")
     print(f"run it: cd {dest} && python -m monai.bundle run --config_file configs/inference.json "
           "--dataset_dir <folder with imagesTs/> --output_dir <predictions>")
     return 0

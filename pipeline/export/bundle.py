@@ -4,10 +4,14 @@
 
     configs/inference.json evaluate.json train.json datalist.json logging.conf metadata.json
     models/model.pt      the uncalibrated network's state dict (what train.json trains)
-    models/model.ts      TorchScript: padding + backbone + the run's post-hoc calibration (none, TS or LTS)
+    models/model.ts      TorchScript: padding + backbone + the run's post-hoc calibration (none, TS or LTS), saved
+                         without source paths
     large_files.yml      sha256 of both weight files
-    scripts/             code train.json names (padding wrapper, backbones MONAI lacks, the loss), when needed
-    docs/README.md       model card; docs/reliability.png, the shipped model's reliability diagram
+    scripts/             code the configs name (input checks, the paper's metrics, padding wrapper, backbones MONAI
+                         lacks, the loss)
+    docs/README.md       model card; docs/reliability.png, the shipped model's reliability diagram;
+                         docs/data_license.txt, the training data and their licence
+    data/                with ``with_data``: the run's cases in the datalist's layout
     LICENSE
 
 The bundle is built in a temporary folder and swapped in whole; nothing in it may import ``pipeline``. With an

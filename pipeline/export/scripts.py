@@ -5,8 +5,9 @@ defines the component is copied verbatim into ``scripts/<module>.py``, which is 
 imports nothing of this project (the padding wrapper ``pipeline.networks.padding``, the backbones MONAI lacks,
 the preprocessing transforms of ``pipeline.data.transforms``). The training loss, built in a run by
 ``pipeline.losses.build_loss``, becomes the class of the same name in ``scripts/losses.py``, a plain-autograd copy
-kept in :mod:`pipeline.export.bundle_scripts.losses`. Whatever a bundle holds is checked at the end: no config
-and no script may import ``pipeline``.
+kept in :mod:`pipeline.export.bundle_scripts.losses`; the bundle's own modules there (``inputs.py``,
+``evaluation.py``) are copied when a config names them (:func:`bundle_modules`). Whatever a bundle holds is checked
+at the end: no config and no script may import ``pipeline``.
 """
 
 from __future__ import annotations
