@@ -292,7 +292,7 @@ def test_verify_bundle_passes_and_altered_weights_are_refused(exported, tmp_path
     lines = []
     results = verify_bundle(exported["bundles"]["lts"]["bundle"], SCHEMA_FILE, say=lines.append, trust_code=True)
     assert [name for name, ok, _ in results if not ok] == [], lines
-    assert len(lines) == 9 and [r[0] for r in results][:3] == ["files", "sha256", "self-contained"]
+    assert len(lines) == 10 and [r[0] for r in results][:3] == ["files", "sha256", "self-contained"]
 
     copy = shutil.copytree(exported["bundles"]["ts"]["bundle"], tmp_path / "copy")
     flip_byte(copy / "models" / "model.pt")
@@ -335,10 +335,11 @@ def test_verify_bundle_runs_no_bundle_code_without_the_flag(exported, tmp_path):
     results = verify_bundle(copy, SCHEMA_FILE, say=lines.append)
     assert not marker_script.exists() and not marker_config.exists()
     assert [name for name, ok, _ in results if ok is None] == [
-        "verify_net_in_out", "ckpt_export", "check_properties inference", "check_properties evaluate",
+        "verify_net_in_out", "ckpt_export", "verify_torchscript", "check_properties inference",
+        "check_properties evaluate",
         "check_properties train"]
     assert [name for name, ok, _ in results if ok is False] == []
-    assert summary(results).startswith("4 of 4 checks passed; 5 checks that run the bundle's code were not run")
+    assert summary(results).startswith("4 of 4 checks passed; 6 checks that run the bundle's code were not run")
     assert "--trust-code" in summary(results)
     verify_bundle(copy, SCHEMA_FILE, say=lambda _: None, trust_code=True)  # the test can fail: with the flag it runs
     assert marker_script.exists() and marker_config.exists()
@@ -352,6 +353,9 @@ def test_model_ts_names_no_path_of_the_exporting_machine(exported):
             blob += b"".join(z.read(n) for n in z.namelist())  # the records uncompressed too
         found = [n for n in needles if n.encode() in blob]
         assert found == [], f"{b['name']}: model.ts holds {found}"
+        for f in ("configs/metadata.json", "docs/README.md"):
+            text = (b["bundle"] / f).read_text()
+            assert [n for n in needles if n in text] == [], f"{b['name']}: {f} names a path of this machine"
 
 
 def test_auto_calibration_chooses_by_the_validation_ece(tmp_path):
@@ -382,7 +386,7 @@ def test_command_lines_export_and_verify(exported, capsys):
     assert main(["export", run_dir, "--name", "cli", "--out", str(out_root)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert verify_main([str(out_root / "cli"), "--trust-code"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "9 of 9 checks passed"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "10 of 10 checks passed"
     assert verify_main([str(out_root / "cli")]) == 0
     assert "were not run" in capsys.readouterr().out.strip().splitlines()[-1]
     # the default name carries the run's name: it never replaces the shipped bundle of the same components

@@ -43,6 +43,12 @@ def _jobs(b: Path, work: Path) -> list[dict]:
                        "ckpt_file": str(retrained / "model.pt"), "meta_file": str(b / "configs" / "metadata.json")}},
         {**infer("infer_retrained", model_file=str(retrained / "model.ts")),
          "sha256_of": {"model_sha256": str(retrained / "model.ts")}},
+        # the model zoo's habits: evaluate.json layered on train.json, verify_torchscript's ckpt_export
+        {"name": "evaluate_on_train", "config_file": [str(b / "configs" / f) for f in ("train.json", "evaluate.json")],
+         "overrides": {"bundle_root": str(b), "output_dir": str(work / "evaluate_on_train")}},
+        {"name": "zoo_torchscript", "kind": "ckpt_export", "config_file": str(b / "configs" / "inference.json"),
+         "overrides": {"net_id": "network_def", "filepath": str(work / "zoo.ts"), "bundle_root": str(b),
+                       "ckpt_file": str(b / "models" / "model.pt"), "meta_file": str(b / "configs" / "metadata.json")}},
         infer("x1000", dataset_dir=str(work / "bad" / "x1000")),
         infer("fine", dataset_dir=str(work / "bad" / "fine")),
     ]
@@ -97,14 +103,17 @@ def test_inference_on_the_sample_cases(shipped):
         np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-5)
 
 
-def test_evaluation_reproduces_the_cards_metrics(shipped):
-    _ok(shipped, "evaluate")
-    rows = dict(csv.reader(open(shipped["work"] / "evaluate" / "metrics.csv")))
+@pytest.mark.parametrize("job", ["evaluate", "evaluate_on_train"])
+def test_evaluation_reproduces_the_cards_metrics(shipped, job):
+    _ok(shipped, job)
+    rows = dict(csv.reader(open(shipped["work"] / job / "metrics.csv")))
     meta = json.loads((shipped["bundle"] / "configs" / "metadata.json").read_text())
     card = (shipped["bundle"] / "docs" / "README.md").read_text()
     for metric, key in (("test_mean_dice", "dsc"), ("test_foreground_ece", "ece"), ("test_cece", "cece")):
         assert float(rows[metric]) == pytest.approx(meta["eval_metrics"][key], abs=2e-4), metric
         assert f"{meta['eval_metrics'][key]:.4f}" in card
+    header = open(shipped["work"] / job / "test_mean_dice_raw.csv").readline().strip()
+    assert header == "filename,CSF,GM,WM,mean"  # class names, not class0
 
 
 def test_retraining_for_two_epochs_gives_weights_that_inference_uses(shipped):
@@ -132,6 +141,7 @@ def test_scanner_intensities_are_refused_and_a_finer_grid_is_resampled(shipped):
 
 
 def test_the_model_zoo_checks_pass(shipped):
+    _ok(shipped, "zoo_torchscript")  # under python -I, outside the repository
     lines = []
     results = verify_bundle(shipped["bundle"], SCHEMA_FILE, say=lines.append, trust_code=True)
     assert [name for name, ok, _ in results if ok is not True] == [], lines

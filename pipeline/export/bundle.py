@@ -129,11 +129,12 @@ def load_calibrator(run_dir: Path, calibration: str, network: torch.nn.Module) -
     return module, "lts", f" (a temperature network of {own} parameters)"
 
 
-def _slices_per_volume(params: dict) -> int:
+def _slices_per_volume(params: dict, profile: dict) -> int:
+    """Training slices per volume: from the run's MLflow parameters, else the training images' headers."""
     try:
         return max(1, round(int(params["n_train_slices"]) / max(1, int(params["n_train_volumes"]))))
     except (KeyError, ValueError):
-        return DEFAULT_SLICES_PER_VOLUME
+        return int(profile.get("slices_per_volume") or DEFAULT_SLICES_PER_VOLUME)
 
 
 def _run_cases(parser, run_dir: Path) -> tuple[dict, dict | None]:
@@ -152,11 +153,12 @@ def _run_cases(parser, run_dir: Path) -> tuple[dict, dict | None]:
     return split, cases
 
 
-def _hyper(parser, params: dict) -> dict:
+def _hyper(parser, params: dict, profile: dict) -> dict:
     value = parser.get_parsed_content
     return {"seed": int(value("seed")), "epochs": int(value("epochs")), "val_interval": int(value("val_interval")),
             "batch_size": int(value("batch_size")), "learning_rate": float(value("lr")),
-            "lr_gamma": float(value("lr_gamma")), "slices_per_volume": _slices_per_volume(params), "num_workers": 0}
+            "lr_gamma": float(value("lr_gamma")), "slices_per_volume": _slices_per_volume(params, profile),
+            "num_workers": 0}
 
 
 def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike | None = None,
@@ -213,8 +215,8 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
 
     split, cases = _run_cases(parser, run_dir)
     layout = dataset.case_layout(split, cases)
-    profile = dataset.training_profile(layout) if cases is not None else {
-        "spacing": None, "intensity_range": None, "n_images": 0}
+    profile = dataset.training_profile(layout, slice_axis=slice_axis) if cases is not None else {
+        "spacing": None, "intensity_range": None, "n_images": 0, "slices_per_volume": None}
 
     def guarded(steps):
         return transforms.guarded_preprocessing(steps, in_channels, profile["intensity_range"], profile["spacing"])
@@ -229,7 +231,7 @@ def export_bundle(run: str, name: str | None = None, out_root: str | os.PathLike
         "inference": configs.inference_config(image_steps, slice_axis),
         "evaluate": configs.evaluate_config(labelled_steps, class_names, slice_axis, int(parser.get("n_bins", 15))),
         "train": configs.train_config(labelled_steps, random_steps, network_def, scripts.loss_config(parser),
-                                      len(class_names), slice_axis, _hyper(parser, params)),
+                                      len(class_names), slice_axis, _hyper(parser, params, profile)),
     }
     built = {k: scripts.vendor_targets(v, files, k) for k, v in built.items()}
     own = scripts.bundle_modules(built)

@@ -120,8 +120,11 @@ def _model_and_data(steps: Sequence[Mapping], slice_axis: int) -> dict:
         "verified_model_file": "$monai.apps.utils.download_url(url='', filepath=os.path.join(@bundle_root, "
                                "@model_file), hash_val=@model_sha256, hash_type='sha256') or "
                                "os.path.join(@bundle_root, @model_file)",
-        "network_def": "$torch.jit.load(@verified_model_file, map_location='cpu')",
-        "network": "$@network_def.to(@device).eval()",
+        # the shipped model: network_def (the padded backbone, whose weights models/model.pt holds, as the model
+        # zoo's ckpt_export and verify_torchscript expect) followed by the calibration step
+        "shipped_model": "$torch.jit.load(@verified_model_file, map_location='cpu')",
+        "network_def": "$@shipped_model.network",
+        "network": "$@shipped_model.to(@device).eval()",
         "preprocessing": {"_target_": "Compose", "transforms": list(steps)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,

@@ -74,7 +74,8 @@ def shipped_metrics(run_dir: str | Path, run_id: str | None, calibration: str, u
     if not mean or mean.get("dsc") is None:
         raise ValueError(f"no test metrics for calibration '{calibration}' in {path} or in MLflow run {run_id}: "
                          "evaluate the run first (make evaluate RUN=…)")
-    return {k: float(mean[k]) for k in EVAL_KEYS if mean.get(k) is not None}, f"{path} (methods.{method})"
+    found = {k: float(mean[k]) for k in EVAL_KEYS if mean.get(k) is not None}
+    return found, f"the run's metrics.json (methods.{method})"
 
 
 def _config_modules(config: Any, out: set[str]) -> None:

@@ -17,10 +17,12 @@ Checks that read files only, in order:
 
 Checks that run the bundle's code (``trust_code``):
 
-* ``verify_net_in_out``: the inference config's ``network_def`` (``models/model.ts``) maps a random
+* ``verify_net_in_out``: the inference config's ``network_def`` (the backbone of ``models/model.ts``) maps a random
   ``1×C×19×19`` slice to the K output channels of the metadata, in float32;
 * ``ckpt_export``: ``models/model.pt`` loaded into ``train.json``'s ``network_def`` exports to TorchScript, and the
   export computes what the shipped model's ``network`` computes;
+* ``verify_torchscript`` (the model zoo's check): ``models/model.pt`` loaded into ``inference.json``'s
+  ``network_def`` (the padded backbone inside ``model.ts``) exports to TorchScript, and ``model.ts`` loads;
 * ``check_properties`` of ``inference.json`` (``infer``), ``evaluate.json`` (``eval``) and ``train.json``
   (``train``): MONAI's bundle properties resolve, on a small synthetic dataset written from
   ``configs/datalist.json``.
@@ -226,6 +228,18 @@ def _ckpt_export(bundle_dir: Path, out: Path) -> str:
     return "model.pt in train.json's network_def exports to TorchScript, equal to model.ts's network"
 
 
+def _zoo_torchscript(bundle_dir: Path, out: Path) -> str:
+    """The model zoo's ``verify_torchscript``: ``model.pt`` into ``inference.json``'s ``network_def`` exports to
+    TorchScript, and ``models/model.ts`` loads."""
+    from monai.bundle import ckpt_export
+
+    ckpt_export(net_id="network_def", filepath=str(out / "zoo.ts"), ckpt_file=str(bundle_dir / MODEL_PT),
+                meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                config_file=str(bundle_dir / "configs" / "inference.json"), bundle_root=str(bundle_dir))
+    torch.jit.load(str(bundle_dir / MODEL_TS))
+    return "model.pt in inference.json's network_def exports to TorchScript; model.ts loads"
+
+
 def verify_bundle(bundle: str | Path, schema: str | Path = SCHEMA_FILE, say: Callable[[str], None] = print,
                   trust_code: bool = False) -> list[tuple[str, bool | None, str]]:
     """Run the checks of this module on a bundle (a name under ``bundles/`` or a folder) and ``say`` one line each.
@@ -265,8 +279,8 @@ def verify_bundle(bundle: str | Path, schema: str | Path = SCHEMA_FILE, say: Cal
         run("sha256", lambda: ", ".join(check_large_files(bundle_dir)) + ": sha256 as in large_files.yml")
         run("self-contained", lambda: check_self_contained(bundle_dir) or "no config or script imports pipeline")
         run("verify_metadata", meta_check)
-        code_checks = ["verify_net_in_out", "ckpt_export", "check_properties inference", "check_properties evaluate",
-                       "check_properties train"]
+        code_checks = ["verify_net_in_out", "ckpt_export", "verify_torchscript", "check_properties inference",
+                       "check_properties evaluate", "check_properties train"]
         if not trust_code:
             for name in code_checks:
                 results.append((name, None, f"skipped: {TRUST_HINT}"))
@@ -280,6 +294,7 @@ def verify_bundle(bundle: str | Path, schema: str | Path = SCHEMA_FILE, say: Cal
                 config_file=str(bundle_dir / "configs" / "inference.json"), bundle_root=str(bundle_dir))
                 or "model.ts: input channels → output channels and dtype as in the metadata")
             run("ckpt_export", lambda: _ckpt_export(bundle_dir, tmp))
+            run("verify_torchscript", lambda: _zoo_torchscript(bundle_dir, tmp))
             for name, files, kind in (("inference", ["inference.json"], "infer"),
                                       ("evaluate", ["evaluate.json"], "eval"), ("train", ["train.json"], "train")):
                 run(f"check_properties {name}", lambda f=files, k=kind, n=name: _workflow_properties(
