@@ -82,7 +82,8 @@ def shipped(tmp_path_factory):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "LANG": "C.UTF-8",
            "OMP_NUM_THREADS": "1"}
     with open(work / "recipient.log", "w") as log:
-        subprocess.run([sys.executable, "-I", str(RECIPIENT), "jobs.json", "results.json"], cwd=work / "bundle",
+        subprocess.run([sys.executable, "-I", str(RECIPIENT), str(work / "jobs.json"), str(work / "results.json")],
+                       cwd=work / "bundle",
                        env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False)
     assert (work / "results.json").is_file(), (work / "recipient.log").read_text()[-3000:]
     return {"work": work, "bundle": bundle, "samples": samples,
