@@ -103,19 +103,22 @@ export: $(STAMP)
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(if $(NAME),--name "$(NAME)") $(ARGS)
 
 ## check an exported bundle offline with MONAI's tools, one line per check: make verify-bundle NAME=<bundle | folder>
+##   the checks that run the bundle's configs and scripts (code) run only with TRUST=1: for a bundle you trust
 verify-bundle: $(STAMP)
-	@test -n "$(NAME)" || { echo "usage: make verify-bundle NAME=<bundle name under bundles/ or bundle folder>"; exit 2; }
-	$(PY) -m pipeline.export "$(NAME)"
+	@test -n "$(NAME)" || { echo "usage: make verify-bundle NAME=<bundle name under bundles/ or bundle folder> [TRUST=1]"; exit 2; }
+	$(PY) -m pipeline.export "$(NAME)" $(if $(TRUST),--trust-code)
 
-## retrain the default model (mni, mbls, unet), re-export the shipped bundle with TS over the old one, verify it
+## retrain the default model (mni, mbls, unet), re-export the shipped bundle (calibration auto, the run's cases in data/) over
+## the old one, verify it
 ifndef SHIPPED_RUN
 SHIPPED_RUN := shipped-mni-mbls-unet-$(shell date +%Y%m%d-%H%M%S)
 endif
 shipped-bundle: $(STAMP)
 	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train --dataset mni --loss mbls --backbone unet \
 		--run-name "$(SHIPPED_RUN)" --quiet
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(SHIPPED_RUN)" --calibration ts --overwrite
-	$(PY) -m pipeline.export mni_brain_tissue_mbls_unet
+	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(SHIPPED_RUN)" \
+		--name mni_brain_tissue_mbls_unet --calibration auto --with-data --overwrite
+	$(PY) -m pipeline.export mni_brain_tissue_mbls_unet --trust-code
 
 .PHONY: bench
 ## training throughput (slices/s, ratio to the bare network, data wait), 1 vs 2 processes; on CUDA also AMP on/off:

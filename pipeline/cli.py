@@ -150,15 +150,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_bundle
 
     out = export_bundle(args.run, name=args.name, out_root=args.out, calibration=args.calibration,
-                        overwrite=args.overwrite, log_to_mlflow=not args.no_mlflow, data_dir=args.data_dir)
+                        overwrite=args.overwrite, log_to_mlflow=not args.no_mlflow, data_dir=args.data_dir,
+                        with_data=args.with_data)
     dest = out["bundle"]
     print(f"bundle {out['name']} {out['version']} written to {dest} (calibration: {out['calibration']}, "
           f"{out['compiled']} into models/model.ts; eval_metrics from {out['metrics_source']})")
+    print(f"calibration {out['calibration_reason']}")
     if out["mlflow"]:
         print(f"MLflow: artifacts {out['mlflow']['artifact_path']}, logged model {out['mlflow']['model_uri']}")
     if out["data_dir"]:
         print(f"the run's cases, in the bundle's data layout: {out['data_dir']}")
-    print(f"verify it: make verify-bundle NAME={dest}")
+    print(f"verify it: make verify-bundle NAME={dest} TRUST=1 (TRUST=1 runs its configs and scripts: code)")
     print(f"run it: cd {dest} && python -m monai.bundle run --config_file configs/inference.json "
           "--dataset_dir <folder with imagesTs/> --output_dir <predictions>")
     return 0
@@ -226,14 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="export a trained run as a MONAI bundle (bundles/<name>/)")
     p.add_argument("run", help="MLflow run id or name, run folder (runs/<name>), or checkpoint file")
     p.add_argument("--name", default=None,
-                   help="bundle folder name (default: <dataset>_<task>_<loss>_<backbone>, "
-                   "e.g. mni_brain_tissue_mbls_unet)")
+                   help="bundle folder name (default: <dataset>_<task>_<loss>_<backbone>_<run name>, "
+                   "e.g. mni_brain_tissue_mbls_unet_brain_mbls)")
     p.add_argument("--out", default=None, help="where bundles go (default: bundles/)")
     p.add_argument("--calibration", default="auto", choices=["auto", "none", "ts", "lts"],
-                   help="post-hoc calibration inside the shipped model (auto: TS when fitted)")
+                   help="post-hoc calibration inside the shipped model (auto: the fitted one with the lowest "
+                   "validation ECE, none when none lowered it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name (version + 1)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the bundle and model into the run's MLflow run")
     p.add_argument("--data-dir", default=None, help="also copy the run's cases there, in the bundle's data layout")
+    p.add_argument("--with-data", action="store_true",
+                   help="copy the run's cases into the bundle's data/ (its configs' default dataset_dir)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("compare", help="train a comparison grid (resumable, shardable) and write its report")
     p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")

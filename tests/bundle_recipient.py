@@ -5,13 +5,15 @@ from a folder outside the repository, so that ``pipeline`` cannot be imported; i
 library and MONAI. One process runs every job (``import monai`` is the slow part).
 
 Usage: ``python -I bundle_recipient.py <jobs.json> <results.json>`` with jobs
-``[{"name", "config_file" (a list of files), "overrides" (config id → value)}]``; the results are
-``{"pipeline_importable": bool, "jobs": {name: {"ok": bool, "error": "<type>: <message> <- <its cause> …",
-"seconds": float}}}``.
+``[{"name", "kind" ("run", the default, or "ckpt_export"), "config_file" (a list of files), "overrides" (config id →
+value), "sha256_of" (optional: config id → a file whose sha256 becomes that override, read when the job starts)}]``;
+the results are ``{"pipeline_importable": bool, "jobs": {name: {"ok": bool, "error": "<type>: <message> <- <its
+cause> …", "seconds": float}}}``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 
 
 def run_jobs(jobs: list[dict]) -> dict:
-    from monai.bundle import run
+    from monai.bundle import ckpt_export, run
 
     results = {"pipeline_importable": importlib.util.find_spec("pipeline") is not None, "jobs": {}}
     for job in jobs:
@@ -28,7 +30,13 @@ def run_jobs(jobs: list[dict]) -> dict:
             del sys.modules[module]  # each bundle brings its own scripts package
         t0 = time.time()
         try:
-            run(run_id="run", config_file=job["config_file"], **job["overrides"])
+            overrides = dict(job["overrides"])
+            for key, path in job.get("sha256_of", {}).items():
+                overrides[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            if job.get("kind") == "ckpt_export":
+                ckpt_export(config_file=job["config_file"], **overrides)
+            else:
+                run(run_id="run", config_file=job["config_file"], **overrides)
             outcome = {"ok": True, "error": ""}
         except Exception as e:  # noqa: BLE001 - every failure is reported to the test, with its causes
             chain = [e]

@@ -118,7 +118,7 @@ def test_project_components_are_vendored_verbatim_or_refused(tmp_path):
 
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
-    written = vendoring.write_scripts(bundle / "scripts", files, with_losses=True)
+    written = vendoring.write_scripts(bundle / "scripts", files, ["losses.py"])
     assert written == ["__init__.py", "losses.py", "padding.py", "transforms.py", "unet.py"]
     assert (bundle / "scripts" / "unet.py").read_text() == files["unet.py"].read_text()
     (bundle / "configs" / "train.json").write_text(json.dumps(config))
@@ -130,7 +130,7 @@ def test_project_components_are_vendored_verbatim_or_refused(tmp_path):
     (bundle / "configs" / "inference.json").write_text(json.dumps({"net": {"_target_": "pipeline.networks.X"}}))
     with pytest.raises(ValueError, match=r"inference.json uses the 'pipeline' package"):
         vendoring.check_self_contained(bundle)
-    assert vendoring.write_scripts(tmp_path / "none", {}, with_losses=False) == []
+    assert vendoring.write_scripts(tmp_path / "none", {}) == []
     assert not (tmp_path / "none").exists()
 
 
@@ -208,3 +208,71 @@ def test_case_layout_datalist_and_copies(tmp_path):
     assert datalist(blind)["training"] == [{"image": "imagesTr/x.nii.gz", "label": "labelsTr/x.nii.gz"}]
     with pytest.raises(FileNotFoundError, match="no source file for imagesTr/x.nii.gz"):
         write_bundle_dataset(blind, tmp_path / "data2")
+
+
+def test_bundle_calibration_metrics_are_the_papers():
+    from pipeline.export.bundle_scripts.evaluation import ForegroundECE
+    from pipeline.metrics.calibration import calibration_statistics
+
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(3, 4, 9, 8, 5, generator=gen) * 3, 1)
+    labels = torch.randint(0, 4, (3, 9, 8, 5), generator=gen)
+    labels[2] = 0  # a volume without foreground: no value, skipped by the mean
+    onehot = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).float()
+    for classwise in (False, True):
+        metric = ForegroundECE(num_bins=15, classwise=classwise)
+        values = metric(probs, onehot)[:, 0]
+        stats = [calibration_statistics(p, y) for p, y in zip(probs, labels)]
+        expected = [s.cece() if classwise else s.ece() for s in stats]
+        assert values[:2].tolist() == pytest.approx(expected[:2], abs=1e-12) and torch.isnan(values[2])
+        assert float(metric.aggregate()) == pytest.approx(sum(expected[:2]) / 2, abs=1e-7)
+    with pytest.raises(ValueError, match="one shape"):
+        ForegroundECE()(probs, onehot[:, :3])
+
+
+def test_guarded_preprocessing_checks_inputs_and_resamples_to_the_training_spacing():
+    from pipeline.export.transforms import guarded_preprocessing
+
+    steps = [{"_target_": "LoadImaged", "keys": ["image", "label"]},
+             {"_target_": "EnsureChannelFirstd", "keys": ["image", "label"]},
+             {"_target_": "Orientationd", "keys": ["image", "label"], "axcodes": "RAS"},
+             {"_target_": "ScaleIntensityRanged", "keys": ["image"], "a_min": 0, "a_max": 1, "b_min": 0, "b_max": 1,
+              "clip": True}]
+    out = guarded_preprocessing(steps, 1, [0.0, 0.8], [2.0, 2.0, 2.0])
+    assert [s["_target_"] for s in out] == ["scripts.inputs.ReadImaged", "EnsureChannelFirstd",
+                                            "scripts.inputs.CheckImaged", "Orientationd", "Spacingd",
+                                            "ScaleIntensityRanged"]
+    assert out[2]["training_range"] == [0.0, 0.8] and out[2]["channels"] == 1
+    assert out[4] == {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [2.0, 2.0, 2.0],
+                      "mode": ["bilinear", "nearest"]}
+    # a per-image normalisation: the scale of the intensities does not matter, so it is not checked
+    per_image = guarded_preprocessing([*steps[:3], {"_target_": "ScaleIntensityd", "keys": "image"}], 1, [0, 1], None)
+    assert per_image[2]["training_range"] is None and "Spacingd" not in [s["_target_"] for s in per_image]
+    # the run's own Spacingd is kept, none added
+    own = guarded_preprocessing([*steps, {"_target_": "Spacingd", "keys": ["image"], "pixdim": [1, 1, 1]}], 1,
+                                None, [2.0, 2.0, 2.0])
+    assert [s["_target_"] for s in own].count("Spacingd") == 1
+
+
+def test_bundle_input_checks_name_the_file(tmp_path):
+    from monai.data import MetaTensor
+
+    from pipeline.export.bundle_scripts.inputs import BundleInputError, CheckImaged, find_images, listed_sha256
+
+    check = CheckImaged("image", channels=1, training_range=[0.0, 1.0])
+    image = MetaTensor(torch.rand(1, 8, 8, 4), meta={"filename_or_obj": "/data/a.nii.gz"})
+    assert check({"image": image})["image"] is image
+    for bad, words in ((image * 1000, r"intensities from .* expected within \[-0.5, 1.5\]"),
+                       (image[:, :, :, 0], "a 2D image"), (torch.cat([image, image]), "2 channel"),
+                       (torch.where(torch.arange(256).reshape(1, 8, 8, 4) == 5, torch.nan, image), "NaN")):
+        bad = MetaTensor(bad, meta={"filename_or_obj": "/data/a.nii.gz"})
+        with pytest.raises(BundleInputError, match=f"/data/a.nii.gz: .*{words}"):
+            check({"image": bad})
+    (tmp_path / "imagesTs").mkdir()
+    with pytest.raises(BundleInputError, match="imagesTs: no image to segment"):
+        find_images(str(tmp_path / "imagesTs"))
+    (tmp_path / "large_files.yml").write_text(json.dumps({"large_files": [
+        {"path": "models/model.ts", "hash_val": "ab", "hash_type": "sha256"}]}))
+    assert listed_sha256(str(tmp_path), "models/model.ts") == "ab"
+    with pytest.raises(BundleInputError, match=r"models/other.ts: no sha256 .*--model_sha256"):
+        listed_sha256(str(tmp_path), "models/other.ts")

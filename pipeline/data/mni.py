@@ -97,6 +97,20 @@ class MNI152Slabs(DatasetSource):
     """
 
     name = "mni"
+    #: the template's licence (exported bundles: docs/data_license.txt): the notice the MNI distributes with the
+    #: ICBM 2009a templates (nilearn ships the files without it)
+    data_license = (
+        "ICBM 2009a Nonlinear Symmetric template and tissue probability maps (Fonov et al., NeuroImage 2011; "
+        "Fonov et al., NeuroImage 2009), as shipped in the nilearn package. The MNI distributes them with this "
+        "notice:\n\n"
+        "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
+        "McGill University. Permission to use, copy, modify, and distribute this software and its documentation for "
+        "any purpose and without fee is hereby granted, provided that the above copyright notice appear in all "
+        "copies. The authors and McGill University make no representations about the suitability of this software "
+        "for any purpose. It is provided \"as is\" without express or implied warranty. The authors are not "
+        "responsible for any data loss, equipment damage, property loss, or injury to subjects or patients "
+        "resulting from the use or misuse of this software package.\n\n"
+        "The hard labels and slabs are derived from these files by the MbLS pipeline (pipeline/data/mni.py).")
 
     def __init__(
         self,

@@ -2,7 +2,8 @@
 
 ``make export RUN=<run> [NAME=<name>]`` → :func:`export_bundle` writes ``bundles/<name>/`` (model-zoo layout:
 configs, TorchScript and state-dict weights with their sha256, vendored scripts, model card) and logs it into the
-run's MLflow run. ``make verify-bundle NAME=<name>`` → :func:`verify_bundle` runs MONAI's checks on it offline.
+run's MLflow run. ``make verify-bundle NAME=<name>`` → :func:`verify_bundle` runs MONAI's checks on it offline (those
+that run the bundle's configs and scripts only with ``TRUST=1``: a bundle is code).
 
 Modules: :mod:`~pipeline.export.bundle` (the export), :mod:`~pipeline.export.configs` (inference, evaluate and
 train configs), :mod:`~pipeline.export.transforms` (a run's transforms made plain), :mod:`~pipeline.export.scripts`

@@ -5,8 +5,11 @@
   check against ``large_files.yml``) slice by slice with MONAI's ``SliceInferer``, inverts the preprocessing and
   writes per input the segmentation, the calibrated class probabilities, the max-probability (confidence) map
   and the entropy map, in the input's geometry. MONAI components only.
-* ``evaluate.json`` is layered on it: labelled test cases from ``configs/datalist.json``, DSC (``MeanDice``) and
-  MONAI's calibration error, per-case CSV files (``MetricsSaver``).
+* ``evaluate.json`` (alone, or layered on ``inference.json`` or ``train.json``): labelled test cases from
+  ``configs/datalist.json``, DSC (``MeanDice``), the paper's foreground ECE and CECE and MONAI's calibration error,
+  per-case CSV files with class-named columns.
+* inference and evaluation read images through the input checks of ``scripts/inputs.py`` (file, channels,
+  dimensions, finite values, intensity range) and resample them to the training spacing.
 * ``train.json`` retrains the network from ``configs/datalist.json`` (``training`` and ``validation``) with
   MONAI's ``SupervisedTrainer``: the run's preprocessing cached per volume, random 2D slices with the run's
   augmentation, the run's loss, Adam with the run's step schedule, best checkpoint by validation DSC. Each draw of
@@ -30,6 +33,18 @@ MODEL_PT = "models/model.pt"
 OUTPUT_POSTFIXES = ("seg", "prob", "confidence", "entropy")
 DEVICE = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
 FROM_PRED_LABEL = "$monai.handlers.from_engine(['pred', 'label'])"
+
+
+#: the bundle folder first on ``sys.path`` (the ``scripts`` package found is this bundle's)
+BUNDLE_ON_PATH = "$sys.path.insert(0, os.path.abspath(@bundle_root)) or True"
+
+
+def with_scripts_on_path(component: Mapping) -> dict:
+    """``component`` (a ``_target_`` dict) that first puts the bundle folder on ``sys.path`` (config id
+    ``scripts_on_path``), so that its ``scripts.…`` targets import wherever the config is read."""
+    out = {"_target_": component["_target_"], "_requires_": "@scripts_on_path"}
+    out.update({k: v for k, v in component.items() if k != "_target_"})
+    return out
 
 
 def logging_conf() -> str:
@@ -69,35 +84,52 @@ def inference_config(image_steps: Sequence[Mapping], slice_axis: int) -> dict:
         _save("entropy", "entropy"),
     ]
     return {
-        "imports": ["$import glob", "$import json", "$import os", "$import pathlib", "$import numpy", "$import torch",
-                    "$import monai"],
+        **_model_and_data(image_steps, slice_axis),
+        # the images to segment; an empty or missing folder stops with an error naming it
+        "images": {"_target_": "scripts.inputs.find_images", "folder": "$os.path.join(@dataset_dir, 'imagesTs')"},
+        "datalist": "$[{'image': i} for i in @images]",
+        "postprocessing": {"_target_": "Compose", "transforms": post},
+        "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": _evaluator(),
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def _evaluator(**more) -> dict:
+    return {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+            "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers", **more}
+
+
+def _model_and_data(steps: Sequence[Mapping], slice_axis: int) -> dict:
+    """The ids inference and evaluation share: paths, the hash-checked TorchScript model, data, inferer."""
+    return {
+        "imports": ["$import os", "$import sys", "$import numpy", "$import torch", "$import monai"],
         "bundle_root": ".",
         "dataset_dir": "$os.path.join(@bundle_root, 'data')",
         "output_dir": "$os.path.join(@bundle_root, 'eval')",
-        "images": "$sorted(glob.glob(os.path.join(@dataset_dir, 'imagesTs', '*.nii*')))",
-        "datalist": "$[{'image': i} for i in @images]",
         "device": DEVICE,
-        "large_files": "$json.loads(pathlib.Path(@bundle_root, 'large_files.yml').read_text())['large_files']",
+        "scripts_on_path": BUNDLE_ON_PATH,
         "model_file": MODEL_TS,
-        "model_sha256": "$[f['hash_val'] for f in @large_files if f['path'] == @model_file][0]",
+        # its entry in large_files.yml (a file without one stops with an error naming it); a model you made
+        # yourself (ckpt_export of retrained weights): pass --model_sha256 <its sha256sum>
+        "model_sha256": {"_target_": "scripts.inputs.listed_sha256", "_requires_": "@scripts_on_path",
+                         "bundle_root": "@bundle_root", "path": "@model_file"},
         # MONAI's download_url only checks the sha256 of a file that exists (and raises HashCheckError naming it)
         "verified_model_file": "$monai.apps.utils.download_url(url='', filepath=os.path.join(@bundle_root, "
                                "@model_file), hash_val=@model_sha256, hash_type='sha256') or "
                                "os.path.join(@bundle_root, @model_file)",
-        "network_def": "$torch.jit.load(@verified_model_file, map_location='cpu')",
-        "network": "$@network_def.to(@device).eval()",
-        "preprocessing": {"_target_": "Compose", "transforms": list(image_steps)},
+        # the shipped model: network_def (the padded backbone, whose weights models/model.pt holds, as the model
+        # zoo's ckpt_export and verify_torchscript expect) followed by the calibration step
+        "shipped_model": "$torch.jit.load(@verified_model_file, map_location='cpu')",
+        "network_def": "$@shipped_model.network",
+        "network": "$@shipped_model.to(@device).eval()",
+        "preprocessing": {"_target_": "Compose", "transforms": list(steps)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
         "inferer": _slice_inferer(slice_axis),
-        "postprocessing": {"_target_": "Compose", "transforms": post},
-        "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "val_handlers": "@handlers"},
-        "initialize": ["$monai.utils.set_determinism(seed=0)"],
-        "run": ["$@evaluator.run()"],
     }
 
 
@@ -118,31 +150,55 @@ def _datalist(key: str) -> str:
     return f"$monai.data.load_decathlon_datalist(@datalist_file, True, '{key}', @dataset_dir)"
 
 
-def evaluate_config(labelled_steps: Sequence[Mapping], num_classes: int, n_bins: int = 15) -> dict:
-    """``configs/evaluate.json``, layered on ``inference.json`` (run with both files, workflow type ``eval``).
+def _paper_metric(classwise: bool, n_bins: int) -> dict:
+    return {"_target_": "IgniteMetricHandler", "metric_fn": {"_target_": "scripts.evaluation.ForegroundECE",
+                                                             "num_bins": int(n_bins), "classwise": classwise},
+            "output_transform": "$monai.handlers.from_engine(['prob', 'label'])"}
+
+
+def evaluate_config(labelled_steps: Sequence[Mapping], class_names: Sequence[str], slice_axis: int,
+                    n_bins: int = 15) -> dict:
+    """``configs/evaluate.json``: the shipped model on the labelled ``test`` cases of ``configs/datalist.json``
+    (workflow type ``eval``). It defines every id it uses, so that it runs alone, layered on ``inference.json``
+    or, as model-zoo bundles do, on ``train.json``.
+
+    Metrics: ``test_mean_dice`` (MONAI's ``MeanDice`` over the foreground classes), ``test_foreground_ece`` and
+    ``test_cece`` (the paper's, :mod:`pipeline.export.bundle_scripts.evaluation`: the ``ece`` and ``cece`` of the
+    bundle's ``eval_metrics``), ``test_calibration_error`` (MONAI's ``CalibrationError``, every voxel per
+    foreground class). ``metrics.csv`` holds the means, ``<metric>_raw.csv`` one row per case, columns named by
+    class.
 
     Args:
-        labelled_steps: the run's preprocessing of image and label.
-        num_classes: ``K``.
-        n_bins: bins of MONAI's calibration error (default 15, the paper's).
+        labelled_steps: the bundle's preprocessing of image and label.
+        class_names: the K class names (the first is the background).
+        slice_axis: the spatial axis (0-2) the 2D network is applied along.
+        n_bins: calibration bins (default 15, the paper's).
     """
+    num_classes = len(class_names)
+    details = ["test_mean_dice", "test_foreground_ece", "test_cece"]
     return {
+        **_model_and_data(labelled_steps, slice_axis),
         "datalist_file": "$os.path.join(@bundle_root, 'configs', 'datalist.json')",
         "datalist": _datalist("test"),
-        "preprocessing": {"_target_": "Compose", "transforms": list(labelled_steps)},
         "postprocessing": _onehot_post(num_classes, keep_prob=True),
         "key_metric": _dice("test_mean_dice"),
-        "additional_metrics": {"test_calibration_error": {
-            "_target_": "CalibrationError", "num_bins": int(n_bins), "include_background": False,
-            "output_transform": "$monai.handlers.from_engine(['prob', 'label'])"}},
+        "additional_metrics": {
+            "test_foreground_ece": _paper_metric(False, n_bins),
+            "test_cece": _paper_metric(True, n_bins),
+            "test_calibration_error": {
+                "_target_": "CalibrationError", "num_bins": int(n_bins), "include_background": False,
+                "output_transform": "$monai.handlers.from_engine(['prob', 'label'])"}},
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "MetricsSaver", "save_dir": "@output_dir",
-             "metrics": ["test_mean_dice", "test_calibration_error"], "metric_details": ["test_mean_dice"],
+            {"_target_": "scripts.evaluation.NamedMetricsSaver", "save_dir": "@output_dir",
+             "metrics": [*details, "test_calibration_error"], "metric_details": details,
+             "class_names": {"test_mean_dice": [str(c) for c in class_names[1:]], "test_foreground_ece": ["ece"],
+                             "test_cece": ["cece"]},
              "batch_transform": "$lambda x: [xx['image'].meta for xx in x]", "summary_ops": "*"},
         ],
-        "evaluator#key_val_metric": "@key_metric",
-        "evaluator#additional_metrics": "@additional_metrics",
+        "evaluator": _evaluator(key_val_metric="@key_metric", additional_metrics="@additional_metrics"),
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
     }
 
 
@@ -164,8 +220,11 @@ def train_config(labelled_steps: Sequence[Mapping], random_steps: Sequence[Mappi
     keys = ("seed", "epochs", "val_interval", "batch_size", "learning_rate", "lr_gamma", "slices_per_volume",
             "num_workers")
     return {
-        "imports": ["$import glob", "$import os", "$import torch", "$import monai", "$import ignite"],
+        "imports": ["$import glob", "$import os", "$import sys", "$import torch", "$import monai", "$import ignite"],
         "bundle_root": ".",
+        # scripts.* importable also where MONAI's runner does not add the bundle folder to sys.path (ckpt_export,
+        # verify_net_in_out, python -I): network_def requires it first
+        "scripts_on_path": BUNDLE_ON_PATH,
         "ckpt_dir": "$os.path.join(@bundle_root, 'models', 'retrained')",
         "output_dir": "$os.path.join(@bundle_root, 'eval')",
         "dataset_dir": "$os.path.join(@bundle_root, 'data')",
@@ -174,7 +233,7 @@ def train_config(labelled_steps: Sequence[Mapping], random_steps: Sequence[Mappi
         "val_datalist": _datalist("validation"),
         **{k: hyper[k] for k in keys},
         "device": DEVICE,
-        "network_def": dict(network_def),
+        "network_def": with_scripts_on_path(network_def),
         "network": "$@network_def.to(@device)",
         "loss": dict(loss),
         "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": "@learning_rate"},
@@ -196,6 +255,10 @@ def train_config(labelled_steps: Sequence[Mapping], random_steps: Sequence[Mappi
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
                  "interval": "@val_interval"},
+                # validation (and so the best weights' checkpoint) also at the last epoch, whatever --epochs is;
+                # never when the interval already ends there (epochs + 1 is never reached)
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
+                 "interval": "$@epochs if @epochs % @val_interval else @epochs + 1"},
                 {"_target_": "StatsHandler", "tag_name": "train_loss",
                  "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"},
             ],

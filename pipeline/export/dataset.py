@@ -15,6 +15,9 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 #: run split → (datalist key, image folder, label folder)
 LAYOUT = {"train": ("training", "imagesTr", "labelsTr"), "val": ("validation", "imagesTr", "labelsTr"),
           "test": ("test", "imagesTs", "labelsTs")}
@@ -100,3 +103,42 @@ def write_bundle_dataset(layout: Mapping[str, list[dict]], dest: str | os.PathLi
                                          f"renamed to {rel}; copy this case by hand")
                     shutil.copyfile(extra, target.with_suffix(extra.suffix))
     return dest
+
+
+def training_profile(layout: Mapping[str, list[dict]], max_images: int = 8, slice_axis: int = 2) -> dict:
+    """What the network saw, from (up to ``max_images``) training images of :func:`case_layout`: their common voxel
+    spacing in RAS order (``None`` when they differ or cannot be read) and the range of their 0.5th-99.5th
+    intensity percentiles (``None`` when none can be read). NIfTI files only (read with nibabel).
+
+    Also the mean number of slices along ``slice_axis`` (RAS order) per training image, from every training
+    image's header (``None`` when none can be read): what an epoch of the run held per volume.
+
+    Returns:
+        ``{"spacing": [x, y, z] | None, "intensity_range": [low, high] | None, "n_images": int,
+        "slices_per_volume": int | None}``.
+    """
+    depths = []
+    for case in layout.get("training", []):
+        source = case["image"][0][0]
+        if source is not None and Path(source).name.endswith((".nii", ".nii.gz")):
+            try:
+                depths.append(int(nib.as_closest_canonical(nib.load(source)).shape[slice_axis]))
+            except Exception:  # noqa: BLE001 - an unreadable header: not counted
+                continue
+    sources = [s for case in layout.get("training", []) for s, _ in case["image"]
+               if s is not None and Path(s).name.endswith((".nii", ".nii.gz"))][:max_images]
+    spacings, lows, highs = [], [], []
+    for source in sources:
+        try:
+            image = nib.as_closest_canonical(nib.load(source))
+            data = np.asarray(image.dataobj, dtype=np.float64)
+        except Exception:  # noqa: BLE001 - an unreadable file: no profile from it
+            continue
+        spacings.append([float(v) for v in image.header.get_zooms()[:3]])
+        low, high = np.percentile(data[np.isfinite(data)], (0.5, 99.5))
+        lows.append(float(low))
+        highs.append(float(high))
+    same = bool(spacings) and all(np.allclose(s, spacings[0], rtol=1e-3) for s in spacings)
+    return {"spacing": spacings[0] if same else None,
+            "intensity_range": [min(lows), max(highs)] if lows else None, "n_images": len(lows),
+            "slices_per_volume": round(sum(depths) / len(depths)) if depths else None}

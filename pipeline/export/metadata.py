@@ -74,7 +74,8 @@ def shipped_metrics(run_dir: str | Path, run_id: str | None, calibration: str, u
     if not mean or mean.get("dsc") is None:
         raise ValueError(f"no test metrics for calibration '{calibration}' in {path} or in MLflow run {run_id}: "
                          "evaluate the run first (make evaluate RUN=…)")
-    return {k: float(mean[k]) for k in EVAL_KEYS if mean.get(k) is not None}, f"{path} (methods.{method})"
+    found = {k: float(mean[k]) for k in EVAL_KEYS if mean.get(k) is not None}
+    return found, f"the run's metrics.json (methods.{method})"
 
 
 def _config_modules(config: Any, out: set[str]) -> None:
@@ -130,20 +131,27 @@ def _tensor(fmt: str, channels: int, value_range: list, channel_def: Mapping, dt
             "channel_def": {str(k): str(v) for k, v in channel_def.items()}}
 
 
-def network_data_format(in_channels: int, class_names: list[str], input_range: list, modality: str) -> dict:
+def network_data_format(in_channels: int, class_names: list[str], input_range: list, modality: str,
+                        spacing: list | None = None) -> dict:
     """Inputs and outputs of the shipped model as the bundle's tools see them.
 
-    ``pred`` is the model's K-channel output after the softmax of the inference config (calibrated class
-    probabilities, ``<image>_prob.nii.gz``); ``segmentation``, ``confidence`` and ``entropy`` are the other files
-    written per image, with the value ranges they can take (entropy in nats, at most ``log K``).
+    ``pred`` is what ``models/model.ts`` returns for a slice: calibrated **logits**, one channel per class,
+    unbounded (the inference config applies the softmax); ``probabilities`` (``<image>_prob.nii.gz``),
+    ``segmentation``, ``confidence`` and ``entropy`` are the files written per image, with the value ranges they
+    can take (entropy in nats, at most ``log K``). ``spacing``: the voxel spacing the network was trained at, which
+    the configs resample images to.
     """
     k = len(class_names)
     classes = dict(enumerate(class_names))
+    image = _tensor("magnitude", in_channels, input_range, {i: f"image channel {i}" for i in range(in_channels)},
+                    modality=modality)
+    if spacing:
+        image["pixdim"] = [float(v) for v in spacing]
     return {
-        "inputs": {"image": _tensor("magnitude", in_channels, input_range,
-                                    {i: f"image channel {i}" for i in range(in_channels)}, modality=modality)},
+        "inputs": {"image": image},
         "outputs": {
-            "pred": _tensor("probabilities", k, [0, 1], classes),
+            "pred": _tensor("logits", k, [], classes),
+            "probabilities": _tensor("probabilities", k, [0, 1], classes),
             "segmentation": _tensor("labels", 1, [0, k - 1], {0: "class index: " + ", ".join(
                 f"{i} {c}" for i, c in classes.items())}, dtype="uint8"),
             "confidence": _tensor("probability", 1, [1.0 / k, 1], {0: "max-probability (confidence)"}),
@@ -192,7 +200,8 @@ def metadata(*, name: str, info: Mapping, metrics: Mapping[str, float], metrics_
                         f"(models/model.ts) carries {calibration}{info['calibration_detail']}; models/model.pt holds "
                         "the uncalibrated network's weights (what configs/train.json retrains). eval_metrics: mean "
                         f"over the run's test volumes of that calibrated model, from {metrics_source}; ASD in "
-                        f"{info['distance_unit']}, ECE/CECE over ground-truth foreground voxels (15 bins)."),
+                        f"{info['distance_unit']}, ECE/CECE over ground-truth foreground voxels (15 bins), as "
+                        "configs/evaluate.json reports them (test_mean_dice, test_foreground_ece, test_cece)."),
         "authors": "MbLS pipeline",
         "copyright": "Copyright (c) the MbLS pipeline authors",
         "data_source": info["data_source"],
@@ -208,8 +217,10 @@ def metadata(*, name: str, info: Mapping, metrics: Mapping[str, float], metrics_
             "Guo C, Pleiss G, Sun Y, Weinberger KQ. On calibration of modern neural networks. ICML 2017.",
             "Ding Z, Han X, Liu P, Niethammer M. Local temperature scaling for probability calibration. ICCV 2021.",
         ],
-        "network_data_format": network_data_format(info["in_channels"], classes, input_range, info["modality"]),
+        "network_data_format": network_data_format(info["in_channels"], classes, input_range, info["modality"],
+                                                   (info.get("profile") or {}).get("spacing")),
         "mbls_run": {"run_name": info["run_name"], "mlflow_run_id": info["run_id"] or "",
-                     "calibration": info["calibration"], "dataset": info["dataset"], "loss": info["loss"],
-                     "backbone": info["backbone"]},
+                     "calibration": info["calibration"], "calibration_choice": info.get("calibration_reason", ""),
+                     "dataset": info["dataset"], "loss": info["loss"], "backbone": info["backbone"],
+                     "training_images": dict(info.get("profile") or {})},
     }

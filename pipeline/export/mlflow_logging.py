@@ -1,10 +1,11 @@
 """The MLflow side of an export: the bundle as an artifact of its run, the shipped model as a logged model.
 
 The TorchScript model (``models/model.ts``) is logged with ``mlflow.pytorch.log_model`` into the run that trained
-it, with an input example (one random ``1×C×64×64`` slice) from which MLflow infers the signature: it appears under
-the run's "Logged models" and can be registered (``mlflow.register_model("models:/<model id>", name)``). A
-TorchScript model is saved by MLflow with ``torch.jit.save``, so loading it needs neither this project nor
-pickled Python classes. The bundle folder itself is logged under the run's artifacts ``bundle/<name>/``.
+it, in the run's experiment, with an input example (one random ``1×C×64×64`` slice) from which MLflow infers the
+signature: it appears under the run's "Logged models" and can be registered
+(``mlflow.register_model("models:/<model id>", name)``). A TorchScript model is saved by MLflow with
+``torch.jit.save``, so loading it needs neither this project nor pickled Python classes. The bundle folder itself
+is logged under the run's artifacts ``bundle/<name>/``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from pipeline.tracking import tracking_uri
 
 
 @contextlib.contextmanager
-def _tracking(uri: str):
-    """``MLFLOW_TRACKING_URI`` set to ``uri`` for the block (MLflow's model logging resolves the store from it)."""
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+def _tracking(uri: str, experiment_id: str):
+    """``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_ID`` set for the block: MLflow's model logging resolves the
+    store, and the experiment its logged model belongs to, from them (else the model lands in ``Default``)."""
+    wanted = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": str(experiment_id)}
+    previous = {k: os.environ.get(k) for k in (*wanted, "MLFLOW_EXPERIMENT_NAME")}
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)  # it would override the id
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -76,7 +81,8 @@ def log_bundle(run_id: str, bundle_dir: str | Path, model: torch.jit.ScriptModul
     client.log_artifacts(run_id, str(bundle_dir), artifact_path)
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # a TorchScript model needs nothing else
     # quiet: mlflow.pytorch warns about pickled Python models, but a TorchScript model is saved with torch.jit.save
-    with _tracking(uri), quiet_loggers(["mlflow.pytorch"]), warnings.catch_warnings():
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with _tracking(uri, experiment_id), quiet_loggers(["mlflow.pytorch"]), warnings.catch_warnings():
         # MLflow checks the input example by loading the model with torch.load, which finds a TorchScript archive
         warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive.*")
         info = mlflow.pytorch.log_model(

@@ -5,8 +5,9 @@ defines the component is copied verbatim into ``scripts/<module>.py``, which is 
 imports nothing of this project (the padding wrapper ``pipeline.networks.padding``, the backbones MONAI lacks,
 the preprocessing transforms of ``pipeline.data.transforms``). The training loss, built in a run by
 ``pipeline.losses.build_loss``, becomes the class of the same name in ``scripts/losses.py``, a plain-autograd copy
-kept in :mod:`pipeline.export.bundle_scripts.losses`. Whatever a bundle holds is checked at the end: no config
-and no script may import ``pipeline``.
+kept in :mod:`pipeline.export.bundle_scripts.losses`; the bundle's own modules there (``inputs.py``,
+``evaluation.py``) are copied when a config names them (:func:`bundle_modules`). Whatever a bundle holds is checked
+at the end: no config and no script may import ``pipeline``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib
 import inspect
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +113,26 @@ def uses_scripts(config: Any, module: str) -> bool:
     return f'"scripts.{module}.' in json.dumps(config)
 
 
-def write_scripts(dest: Path, files: Mapping[str, Path], with_losses: bool) -> list[str]:
-    """Fill ``dest`` (a bundle's ``scripts/``) with the package file, the vendored modules and, when the configs
-    use it, ``losses.py``; returns the file names written (nothing, and no folder, when nothing is needed)."""
+def bundle_modules(configs: Any) -> list[str]:
+    """The files of :mod:`pipeline.export.bundle_scripts` (``losses.py``, ``inputs.py``, ``evaluation.py``) whose
+    components ``configs`` name as ``scripts.<module>.…``."""
+    return sorted(p.name for p in BUNDLE_SCRIPTS.glob("*.py") if p.name != "__init__.py"
+                  and uses_scripts(configs, p.stem))
+
+
+def write_scripts(dest: Path, files: Mapping[str, Path], own: Sequence[str] = ()) -> list[str]:
+    """Fill ``dest`` (a bundle's ``scripts/``) with the package file, the vendored modules and the files ``own`` of
+    :mod:`pipeline.export.bundle_scripts` (:func:`bundle_modules`); returns the file names written (nothing, and no
+    folder, when nothing is needed).
+
+    Raises:
+        ValueError: a vendored module named like one of ``own``.
+    """
     wanted = dict(files)
-    if with_losses:
-        if "losses.py" in wanted:
-            raise ValueError(f"a vendored module is named losses.py ({wanted['losses.py']}), like the bundle's loss "
-                             "module")
-        wanted["losses.py"] = BUNDLE_SCRIPTS / "losses.py"
+    for name in own:
+        if name in wanted:
+            raise ValueError(f"a vendored module is named {name} ({wanted[name]}), like the bundle's own module")
+        wanted[name] = BUNDLE_SCRIPTS / name
     if not wanted:
         return []
     dest.mkdir(parents=True, exist_ok=True)

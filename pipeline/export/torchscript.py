@@ -14,7 +14,10 @@ checked against the eager calibrator on inputs of another size before it is acce
 from __future__ import annotations
 
 import copy
+import io
+import os
 import warnings
+import zipfile
 
 import torch
 from torch import nn
@@ -134,3 +137,19 @@ def shipped_model(network: nn.Module, calibrator: nn.Module | None, in_channels:
                 raise ValueError(f"the TorchScript model differs from the eager network on {h}×{w} slices "
                                  f"(largest difference {float((got - expected).abs().max()):.3g})")
     return model, how
+
+
+def save_portable(model: torch.jit.ScriptModule, path: str | os.PathLike) -> None:
+    """``torch.jit.save(model, path)`` without the archive's ``*.debug_pkl`` records.
+
+    Those records map the compiled code back to its Python source: they hold the absolute paths of the source files
+    on the exporting machine (the project's and its site-packages'). ``torch.jit.load`` does not need them; without
+    them an error inside the model names no source line.
+    """
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                zout.writestr(info, zin.read(info.filename))

@@ -138,3 +138,57 @@ def input_value_range(steps: Sequence[Mapping]) -> list[float]:
         if name in ("NormalizeIntensityd", "ScaleIntensityRangePercentilesd", "HistogramNormalized"):
             return []
     return []
+
+
+def _target_name(step: Mapping) -> str:
+    return str(step.get("_target_", "")).split(".")[-1]
+
+
+#: intensity steps that rescale each image by its own statistics: an input's overall scale does not matter
+PER_IMAGE_NORMALISATION = ("ScaleIntensityd", "NormalizeIntensityd", "ScaleIntensityRangePercentilesd",
+                           "HistogramNormalized")
+
+
+def normalises_per_image(steps: Sequence[Mapping]) -> bool:
+    """Whether ``steps`` rescale each image's intensities by its own statistics (min-max, z-score, percentiles),
+    so that an image scaled otherwise (×1000) gives the same network input; a fixed window
+    (``ScaleIntensityRanged``) or no scaling does not."""
+    return any(_target_name(s) in PER_IMAGE_NORMALISATION for s in steps)
+
+
+def guarded_preprocessing(steps: Sequence[Mapping], channels: int, training_range: Sequence[float] | None = None,
+                          spacing: Sequence[float] | None = None) -> list[dict]:
+    """A bundle's preprocessing ``steps`` with its input checks and the resampling to the training spacing.
+
+    * ``LoadImaged`` becomes ``scripts.inputs.ReadImaged`` (a file that cannot be read is named in the error);
+    * ``scripts.inputs.CheckImaged`` follows the first ``EnsureChannelFirstd`` (else the load): ``channels``
+      channels, a 3D volume, finite values, intensities within ``training_range`` (with its margin) when given
+      and the steps do not normalise each image by itself (:func:`normalises_per_image`);
+    * with ``spacing`` (the one voxel spacing of the training images, RAS order) and no ``Spacingd`` of the run's
+      own, ``Spacingd`` to it follows the first ``Orientationd`` (else the check): bilinear for the image, nearest
+      for a label. Inference inverts it (``Invertd``), so outputs come back in the input's geometry.
+    """
+    if normalises_per_image(steps):
+        training_range = None
+    out, checked, resampled = [], False, spacing is None or any(_target_name(s) == "Spacingd" for s in steps)
+    after_check = not any(_target_name(s) == "Orientationd" for s in steps)
+    has_channel_first = any(_target_name(s) == "EnsureChannelFirstd" for s in steps)
+    for raw in steps:
+        step, name = dict(raw), _target_name(raw)
+        if name == "LoadImaged":
+            step["_target_"] = "scripts.inputs.ReadImaged"
+        out.append(step)
+        keys = _keys(step)
+        if not checked and "image" in keys and (name == "EnsureChannelFirstd" or (
+                name == "LoadImaged" and not has_channel_first)):
+            out.append({"_target_": "scripts.inputs.CheckImaged", "keys": ["image"], "channels": int(channels),
+                        "spatial_dims": 3, "training_range": None if training_range is None else
+                        [float(v) for v in training_range]})
+            checked = True
+        if checked and not resampled and (name == "Orientationd" or after_check):
+            kept = [k for k in ("image", "label") if k in keys]
+            modes = ["bilinear" if k == "image" else "nearest" for k in kept]
+            out.append({"_target_": "Spacingd", "keys": kept, "pixdim": [float(v) for v in spacing],
+                        "mode": modes[0] if len(modes) == 1 else modes})
+            resampled = True
+    return out
