@@ -47,8 +47,23 @@ from pipeline.data.sharding import (
     slice_loader,
 )
 
-#: how long processes wait for each other in a collective (rank 0 caches the validation and test volumes as well)
-TIMEOUT = timedelta(hours=3)
+#: the config key: how many minutes a process waits for the others in one collective before its job fails
+TIMEOUT_KEY = "distributed_timeout"
+
+
+def collective_timeout(minutes) -> timedelta:
+    """The process group's timeout from the config value ``minutes`` (a positive number).
+
+    Raises:
+        ValueError: naming the key and the value, when it is not a positive number.
+    """
+    try:
+        value = float(minutes)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf") or isinstance(minutes, bool):
+        raise ValueError(f"{TIMEOUT_KEY} must be a positive number of minutes (e.g. 30), got {minutes!r}")
+    return timedelta(minutes=value)
 
 
 def process_seed(seed: int, rank: int) -> int:
@@ -94,9 +109,17 @@ class DistributedRun:
         self.sampler: ShardSampler | None = None
 
     @classmethod
-    def start(cls, device: torch.device | str) -> DistributedRun:
+    def start(cls, device: torch.device | str, timeout_minutes=30) -> DistributedRun:
         """Join the process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1): nccl for a CUDA ``device`` (this
-        process then uses GPU ``LOCAL_RANK``), gloo otherwise. Without ``torchrun``, a one-process run."""
+        process then uses GPU ``LOCAL_RANK``), gloo otherwise. Without ``torchrun``, a one-process run.
+
+        ``timeout_minutes`` (the config's ``distributed_timeout``) bounds every wait for the other processes: a
+        collective that a dead, frozen or stalled process never joins fails after it, in every process still alive.
+
+        Raises:
+            ValueError: ``timeout_minutes`` is not a positive number (checked in one process too).
+        """
+        timeout = collective_timeout(timeout_minutes)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world < 2 and idist.get_world_size() < 2:
             return cls()
@@ -104,7 +127,7 @@ class DistributedRun:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if idist.get_world_size() < 2:
-            idist.initialize("nccl" if cuda else "gloo", timeout=TIMEOUT)
+            idist.initialize("nccl" if cuda else "gloo", timeout=timeout)
         return cls(idist.get_rank(), idist.get_world_size(), idist.get_local_rank(), idist.get_nproc_per_node(),
                    idist.backend())
 

@@ -69,8 +69,9 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     seed = int(value("seed"))
     set_determinism(seed=seed)
     names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
-    run_name = run_name or "-".join([*names.values(), time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
-    dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
+    run_name = run_name or default_run_name(parser)
+    # joins torchrun's processes (one process: a plain run)
+    dist = DistributedRun.start(value("device"), parser.get_parsed_content("distributed_timeout", default=30))
     run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
     uri = tracking_uri()
     start = None
@@ -175,6 +176,12 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     return {"run_id": tracker.run_id, "run_dir": run_dir, "primary": True, "results": out["results"],
             "table": out["table"], "posthoc_table": out["posthoc_table"], "noise_table": out["noise_table"],
             "best_checkpoint": best, "plot": out["plot"], "evaluation": out}
+
+
+def default_run_name(parser) -> str:
+    """A new run's name: ``<dataset>-<loss>-<backbone>-<date>-<time>-<4 hex digits>``."""
+    names = [parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")]
+    return "-".join([*names, time.strftime("%Y%m%d-%H%M%S"), uuid.uuid4().hex[:4]])
 
 
 def _params(parser, names: dict, data: PreparedData, loader, run_dir: Path, device, amp: bool) -> dict:

@@ -18,6 +18,7 @@ from pipeline.evaluation.evaluate import evaluate_trained
 from pipeline.evaluation.settings import evaluation_settings
 from pipeline.runs import load_weights, next_step, resolve_run
 from pipeline.tracking import RunTracker, tracking_uri
+from pipeline.tracking_store import mask_uri
 
 
 def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False,
@@ -70,7 +71,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     with tracker:
         step = next_step(tracker.client, tracker.run_id)
         if not quiet:
-            print(found["how"], flush=True)
+            print(mask_uri(found["how"]), flush=True)
             print(f"weights: {checkpoint}", flush=True)
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=step, checkpoint=checkpoint,
                                settings=settings, last_state=last_state, quiet=quiet)
