@@ -38,12 +38,15 @@ from torch.distributed.elastic.rendezvous import (
 )
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from pipeline.distributed import TIMEOUT_KEY
 from pipeline.resume import read_record
 from pipeline.tracking import mark_if_dead, tracking_uri
 from pipeline.tracking_store import mask_uri
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "loopback"
+#: failures this close to the first one (seconds) are taken as one event when the cause is chosen
+CAUSE_WINDOW_S = 5
 #: the tag of a run whose multi-process job failed: the cause, in one line
 FAILURE_TAG = "failure"
 
@@ -105,18 +108,34 @@ rendezvous_handler_registry.register(BACKEND, _handler)
 
 
 def failure_line(error: ChildFailedError, nproc: int) -> str:
-    """The cause of a failed job in one line: each failed process, its pid, and the signal that killed it or the
-    last line of its error (the first failure first)."""
-    parts = []
-    for rank, failure in sorted(error.failures.items(), key=lambda kv: kv[1].timestamp):
-        what = f"process {rank} of {nproc} (pid {failure.pid})"
-        if failure.exitcode < 0:
-            parts.append(f"{what} was killed by {failure.signal_name()}")
-            continue
-        message = failure.message if isinstance(failure.message, str) else str(failure.message)
+    """The cause of a failed job in one line: the process that failed first, its pid, and the signal that killed it
+    or its error's last line (naming the config key when the error is a collective's timeout); then how many others
+    were stopped. Within :data:`CAUSE_WINDOW_S` of the first failure, a process killed by a signal is the cause of
+    the others' errors (their connection to it closed), and one ended by SIGTERM was stopped by the agent."""
+    if not error.failures:
+        return f"the job of {nproc} processes failed"
+    first = min(f.timestamp for f in error.failures.values())
+
+    def order(item):  # a kill by a signal comes before the errors it causes in the others (lost connections)
+        rank, f = item
+        kind = 2 if f.exitcode == -signal.SIGTERM else 0 if f.exitcode < 0 else 1
+        return (f.timestamp - first > CAUSE_WINDOW_S, kind, f.timestamp, rank)
+
+    failures = sorted(error.failures.items(), key=order)
+    rank, failure = failures[0]
+    line = f"process {rank} of {nproc} (pid {failure.pid})"
+    if failure.exitcode < 0:
+        line += f" was killed by {failure.signal_name()}"
+    else:
+        message = failure.message
+        message = message.get("message", "") if isinstance(message, dict) else str(message)
         lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip() and "pytorch.org" not in ln]
-        parts.append(f"{what} exited with code {failure.exitcode}" + (f": {lines[-1][:300]}" if lines else ""))
-    return "; ".join(parts) or f"the job of {nproc} processes failed"
+        line += f" exited with code {failure.exitcode}" + (f": {lines[-1][:300]}" if lines else "")
+        if "timed out" in message.lower() or "timeout" in message.lower():
+            line += f" (another process did not answer within the config's {TIMEOUT_KEY}: stopped or stalled?)"
+    if len(failures) > 1:
+        line += f"; the launcher then stopped the other {len(failures) - 1} process(es)"
+    return line
 
 
 def record_failure(run_dir: Path, cause: str) -> str | None:

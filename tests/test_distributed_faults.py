@@ -117,7 +117,8 @@ def test_a_killed_or_frozen_process_ends_the_job_in_time_with_the_cause_in_one_l
         assert f"process 1 of 2 (pid {pid}) was killed by SIGKILL" in lines[0]
     else:  # the survivor's collective timed out: it names the wait
         assert "process 0 of 2" in lines[0] and "exited with code 1" in lines[0]
-        assert "timed out" in lines[0].lower() or "timeout" in lines[0].lower(), lines[0]
+        assert "Timed out" in lines[0] and "distributed_timeout" in lines[0], lines[0]
+    assert "the launcher then stopped the other 1 process(es)" in lines[0]
     assert f"make train RESUME={name} NPROC=2" in lines[0]
 
 
