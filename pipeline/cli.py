@@ -13,6 +13,9 @@ from pathlib import Path
 
 from pipeline import config as cfg
 
+TRUST_HELP = ("read the run folder's config.yaml even if this MLflow store did not record it (a folder from "
+              "elsewhere): its $ expressions are Python code and run")
+
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mni", help="configs/dataset/<name>.yaml (default: mni)")
@@ -54,10 +57,13 @@ def _print_tables(out: dict, title: str) -> None:
 def resume_parser(args: argparse.Namespace):
     """``train --resume RUN``: the run's own saved config, with the command's explicit overrides (which must not
     change it), and the run's name and folder."""
-    from pipeline.resume import find_run_folder
+    from pipeline.resume import find_run_folder, read_record
+    from pipeline.runs import check_trusted
     from pipeline.tracking import tracking_uri
 
-    run_dir = find_run_folder(args.resume, tracking_uri())
+    uri = tracking_uri()
+    run_dir = find_run_folder(args.resume, uri)
+    check_trusted(run_dir, read_record(run_dir).get("run_id"), uri, args.trust)  # its `$` expressions are code
     parser = cfg.load_run_config(run_dir / "config.yaml")
     overrides = cfg.parse_assignments(args.overrides)
     overrides.update(cfg.parse_assignments(args.loss_args, prefix="loss::"))
@@ -128,7 +134,7 @@ def launch_train(args: argparse.Namespace, parser, run_name: str | None) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import evaluate_run
 
-    out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet)
+    out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet, trust=args.trust)
     _print_tables(out, "Test results:")
     print(f"run folder : {out['run_dir']}  (summary.md, figures, maps/, posthoc/)")
     print(f"MLflow run : {out['run_id']}  (test metrics at step {out['step']})")
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue a run (its folder, MLflow run id or name) with its own config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (DDP; sockets on the loopback interface only)")
     p.set_defaults(func=cmd_train)
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the run, e.g. --set evaluation::noise::sigmas=[]")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo-data", help="write a small synthetic sample in a dataset's official layout")
