@@ -306,21 +306,25 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(e.__cause__, (ValueError, KeyError)):
                 raise
             e = e.__cause__
+        from pipeline.launch import note_error
         from pipeline.tracking_store import mask_uri
 
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {mask_uri(msg)}", file=sys.stderr)
+        note_error(f"{type(e).__name__}: {msg}")  # for the launcher of `train --nproc n`, if any
         return 2
 
 
 def masked_excepthook(exc_type, exc, tb) -> None:
     """Print an uncaught error's traceback as Python does, with every URI's password masked (an MLflow client error
-    quotes the store's URL)."""
+    quotes the store's URL); in a process of ``train --nproc n``, also note the error for the launcher."""
     import traceback
 
+    from pipeline.launch import note_error
     from pipeline.tracking_store import mask_uri
 
     sys.stderr.write(mask_uri("".join(traceback.format_exception(exc_type, exc, tb))))
+    note_error("".join(traceback.format_exception_only(exc_type, exc)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Multi-process training on PyTorch's own engine: ``torchrun`` starts the processes, ``ignite.distributed`` joins
-them in a process group (nccl on GPUs, one device per local rank; gloo on the CPU), ``DistributedDataParallel``
-averages the gradients. ``make train NPROC=n`` runs ``torchrun --standalone --nproc_per_node=n -m pipeline train``;
-across nodes, ``torchrun --nnodes … --node_rank … --rdzv_endpoint …`` (README). One process is the plain run:
-:class:`DistributedRun` then changes nothing.
+"""Multi-process training on PyTorch's own engine: torch's elastic agent starts the processes, ``ignite.distributed``
+joins them in a process group (nccl on GPUs, one device per local rank; gloo on the CPU), ``DistributedDataParallel``
+averages the gradients. ``make train NPROC=n`` runs ``python -m pipeline train --nproc n`` (:mod:`pipeline.launch`:
+the agent with a rendezvous on the loopback interface); across nodes, ``torchrun --nnodes … --node_rank …
+--rdzv_endpoint …`` (README). One process is the plain run: :class:`DistributedRun` then changes nothing. Every
+exchange between the processes waits at most the config's ``distributed_timeout`` minutes, so a dead, frozen or
+stalled process fails the job instead of hanging it.
 
 What each process does (``run_training`` calls the methods of :class:`DistributedRun`):
 

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,8 @@ from pipeline.tracking_store import mask_uri
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "loopback"
+#: the environment variable naming the folder where each process notes its error (``<rank>.txt``, one line)
+ERRORS_ENV = "MBLS_PROCESS_ERRORS"
 #: failures this close to the first one (seconds) are taken as one event when the cause is chosen
 CAUSE_WINDOW_S = 5
 #: the tag of a run whose multi-process job failed: the cause, in one line
@@ -107,11 +110,30 @@ def _handler(params: RendezvousParameters) -> RendezvousHandler:
 rendezvous_handler_registry.register(BACKEND, _handler)
 
 
-def failure_line(error: ChildFailedError, nproc: int) -> str:
+def note_error(message: str) -> None:
+    """In a process of :func:`launch`: note the error that ends it (the last line of its message) for the launcher's
+    one-line cause. Written whole or not at all (a process may be killed while writing); nothing elsewhere."""
+    folder, rank = os.environ.get(ERRORS_ENV), os.environ.get("RANK")
+    if not folder or rank is None:
+        return
+    lines = [ln.strip() for ln in mask_uri(message).splitlines() if ln.strip()]
+    tmp = Path(folder) / f".{rank}.tmp"
+    tmp.write_text(lines[-1] if lines else "")
+    os.replace(tmp, Path(folder) / f"{rank}.txt")
+
+
+def read_notes(folder: Path) -> dict[int, str]:
+    """The errors the processes noted (:func:`note_error`), by rank."""
+    return {int(p.stem): p.read_text() for p in folder.glob("*.txt") if p.stem.isdigit()}
+
+
+def failure_line(error: ChildFailedError, nproc: int, notes: dict[int, str] | None = None) -> str:
     """The cause of a failed job in one line: the process that failed first, its pid, and the signal that killed it
-    or its error's last line (naming the config key when the error is a collective's timeout); then how many others
-    were stopped. Within :data:`CAUSE_WINDOW_S` of the first failure, a process killed by a signal is the cause of
-    the others' errors (their connection to it closed), and one ended by SIGTERM was stopped by the agent."""
+    or the error it noted (``notes``, by rank: :func:`note_error`; naming the config key when the error is a
+    collective's timeout); then how many others were stopped. Within :data:`CAUSE_WINDOW_S` of the first failure, a
+    process killed by a signal is the cause of the others' errors (their connection to it closed), and one ended by
+    SIGTERM was stopped by the agent."""
+    notes = notes or {}
     if not error.failures:
         return f"the job of {nproc} processes failed"
     first = min(f.timestamp for f in error.failures.values())
@@ -127,14 +149,12 @@ def failure_line(error: ChildFailedError, nproc: int) -> str:
     if failure.exitcode < 0:
         line += f" was killed by {failure.signal_name()}"
     else:
-        message = failure.message
-        message = message.get("message", "") if isinstance(message, dict) else str(message)
-        lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip() and "pytorch.org" not in ln]
-        line += f" exited with code {failure.exitcode}" + (f": {lines[-1][:300]}" if lines else "")
+        message = notes.get(rank, "")
+        line += f" exited with code {failure.exitcode}" + (f": {message[:300]}" if message else "")
         if "timed out" in message.lower() or "timeout" in message.lower():
             line += f" (another process did not answer within the config's {TIMEOUT_KEY}: stopped or stalled?)"
     if len(failures) > 1:
-        line += f"; the launcher then stopped the other {len(failures) - 1} process(es)"
+        line += f"; the other {len(failures) - 1} process(es) ended with it"
     return line
 
 
@@ -157,6 +177,15 @@ def launch(nproc: int, argv: list[str], run_dir: Path, resume_hint: str) -> int:
     command that continues the run printed in one line)."""
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         os.environ.setdefault(name, "lo")
+    with tempfile.TemporaryDirectory(prefix="mbls-errors-") as errors:
+        os.environ[ERRORS_ENV] = errors
+        try:
+            return _launch(nproc, argv, run_dir, resume_hint, Path(errors))
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+
+
+def _launch(nproc: int, argv: list[str], run_dir: Path, resume_hint: str, errors: Path) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mbls-{uuid.uuid4().hex[:8]}",
                           rdzv_backend=BACKEND, rdzv_endpoint=f"{LOOPBACK}:0", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")
@@ -164,7 +193,7 @@ def launch(nproc: int, argv: list[str], run_dir: Path, resume_hint: str) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "pipeline", *argv)
         return 0
     except ChildFailedError as e:
-        cause, code = failure_line(e, nproc), 1
+        cause, code = failure_line(e, nproc, read_notes(errors)), 1
     except SignalException as e:
         cause, code = f"the launcher received {signal.Signals(e.sigval).name} and stopped all processes", 143
     status = None

@@ -4,7 +4,6 @@ config check, and tracking URIs' passwords: masked in what is printed (make's ec
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,46 +16,45 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from pipeline import resume
 from pipeline.config import REPO_ROOT
 from pipeline.distributed import DistributedRun, collective_timeout
-from pipeline.launch import failure_line
+from pipeline.launch import ERRORS_ENV, failure_line, note_error, read_notes
 from pipeline.resume import plan_run, read_record
 from pipeline.tracking_store import TrackingStoreError, mask_uri
 
 SECRET = "s3cret-Pw"
 
 
-def _failure(rank: int, pid: int, exitcode: int, timestamp: int, tmp_path, message: str | None = None):
-    error_file = ""
-    if message is not None:
-        error_file = str(tmp_path / f"error{rank}.json")
-        with open(error_file, "w") as f:
-            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(timestamp)}}}, f)
-    failure = ProcessFailure(rank, pid, exitcode, error_file)
+def _failure(rank: int, pid: int, exitcode: int, timestamp: int):
+    failure = ProcessFailure(rank, pid, exitcode, "")  # no error file: the processes note their errors themselves
     failure.timestamp = timestamp
     return failure
 
 
-def test_a_killed_process_is_the_cause_of_the_lost_connections_of_the_others(tmp_path):
-    error = ChildFailedError("train", {
-        0: _failure(0, 100, 1, 1000, tmp_path, "RuntimeError: Connection closed by peer [127.0.0.1]:5"),
-        1: _failure(1, 101, -signal.SIGKILL, 1001, tmp_path)})
-    line = failure_line(error, 2)
-    assert line.startswith("process 1 of 2 (pid 101) was killed by SIGKILL")
-    assert line.endswith("the launcher then stopped the other 1 process(es)") and "\n" not in line
+def test_a_killed_process_is_the_cause_of_the_lost_connections_of_the_others():
+    error = ChildFailedError("train", {0: _failure(0, 100, 1, 1000), 1: _failure(1, 101, -signal.SIGKILL, 1001)})
+    line = failure_line(error, 2, {0: "RuntimeError: Connection closed by peer [127.0.0.1]:5"})
+    assert line == "process 1 of 2 (pid 101) was killed by SIGKILL; the other 1 process(es) ended with it"
 
 
-def test_a_timed_out_collective_is_the_cause_when_the_frozen_process_was_killed_later(tmp_path):
-    error = ChildFailedError("train", {
-        0: _failure(0, 100, 1, 1000, tmp_path, "RuntimeError: [gloo] Timed out waiting 6000ms for recv"),
-        1: _failure(1, 101, -signal.SIGKILL, 1031, tmp_path)})  # the agent's SIGKILL, 30 s later
-    line = failure_line(error, 2)
+def test_a_timed_out_collective_is_the_cause_when_the_frozen_process_was_killed_later():
+    error = ChildFailedError("train", {0: _failure(0, 100, 1, 1000),
+                                       1: _failure(1, 101, -signal.SIGKILL, 1031)})  # the agent's SIGKILL, 30 s later
+    line = failure_line(error, 2, {0: "RuntimeError: [gloo] Timed out waiting 6000ms for recv"})
     assert line.startswith("process 0 of 2 (pid 100) exited with code 1: RuntimeError: [gloo] Timed out")
     assert "distributed_timeout" in line
 
 
-def test_a_process_stopped_by_the_agent_is_not_the_cause(tmp_path):
-    error = ChildFailedError("train", {0: _failure(0, 100, -signal.SIGTERM, 1000, tmp_path),
-                                       1: _failure(1, 101, 3, 1000, tmp_path, "ValueError: bad")})
-    assert failure_line(error, 2).startswith("process 1 of 2 (pid 101) exited with code 3: ValueError: bad")
+def test_a_process_stopped_by_the_agent_is_not_the_cause():
+    error = ChildFailedError("train", {0: _failure(0, 100, -signal.SIGTERM, 1000), 1: _failure(1, 101, 3, 1000)})
+    assert failure_line(error, 2, {1: "ValueError: bad"}).startswith(
+        "process 1 of 2 (pid 101) exited with code 3: ValueError: bad")
+
+
+def test_a_process_notes_the_last_line_of_its_error_whole_and_masked(tmp_path, monkeypatch):
+    monkeypatch.setenv(ERRORS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    note_error(f"Traceback …\n  File x\nRuntimeError: store http://u:{SECRET}@h:5000 down\n")
+    assert read_notes(tmp_path) == {1: "RuntimeError: store http://u:***@h:5000 down"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.txt"]
 
 
 @pytest.mark.parametrize("value", [0, -1, "abc", None, True, float("inf"), float("nan")])
