@@ -21,6 +21,8 @@ HOST ?= 127.0.0.1
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns.db
+# in the recipes' environment, not on their command lines: make echoes those (a URI may hold a password)
+export MLFLOW_TRACKING_URI
 
 SELECT = --dataset $(DATASET) --loss $(LOSS) --backbone $(BACKBONE) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
@@ -44,16 +46,15 @@ $(STAMP): pyproject.toml
 ##   NPROC=n: n processes on this machine (torchrun, DDP: one GPU each, or CPU processes with gloo)
 ## continue a killed run from its last checkpoint: make train RESUME=<run folder | MLflow run id | run name>
 NPROC ?=
-LAUNCH = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
+LAUNCH = $(PY) -m pipeline train $(if $(NPROC),--nproc $(NPROC))
 train: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(LAUNCH) -m pipeline train \
-		$(if $(RESUME),--resume "$(RESUME)",$(SELECT)) $(ARGS)
+	$(LAUNCH) $(if $(RESUME),--resume "$(RESUME)",$(SELECT)) $(ARGS)
 
 .PHONY: sync-mlflow
 ## write what a run could not log while MLflow was down (its metrics.jsonl) into MLflow: make sync-mlflow RUN=<run>
 sync-mlflow: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make sync-mlflow RUN=<run folder, MLflow run id or run name>"; exit 2; }
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline sync-mlflow "$(RUN)"
+	$(PY) -m pipeline sync-mlflow "$(RUN)"
 
 ## run the test suite
 test: $(STAMP)
@@ -61,7 +62,7 @@ test: $(STAMP)
 
 ## serve the MLflow UI on http://$(HOST):$(PORT) (default local only; a container binds HOST=0.0.0.0)
 ui: $(STAMP)
-	$(PY) -m mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
+	$(PY) -m mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host $(HOST) --port $(PORT)
 
 ## list datasets, losses and backbones
 list: $(STAMP)
@@ -80,11 +81,11 @@ bench-backbones: $(STAMP)
 ## evaluate a trained run again and log into the same MLflow run: make evaluate RUN=<MLflow run id | runs/<name> | checkpoint> ARGS="--set evaluation::noise::sigmas=[]"
 evaluate: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<MLflow run id, run folder or checkpoint file> [ARGS=…]"; exit 2; }
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline evaluate "$(RUN)" $(ARGS)
+	$(PY) -m pipeline evaluate "$(RUN)" $(ARGS)
 
 ## time the test evaluation of one volume against the network alone: make bench-evaluation [RUN=…]
 bench-evaluation: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.benchmarks.evaluation $(if $(RUN),--run "$(RUN)") $(ARGS)
+	$(PY) -m pipeline.benchmarks.evaluation $(if $(RUN),--run "$(RUN)") $(ARGS)
 
 ## write a synthetic sample in a dataset's official layout (default data/demo/<dataset>):
 ##   make demo-data DATASET=acdc [DATA_DIR=…] [ARGS="--cases 6 --option layout=promise12"]
@@ -100,7 +101,7 @@ bench-data: $(STAMP)
 ##   make export RUN=<run id | run name | runs/<name> | checkpoint> [NAME=<bundle>] [ARGS="--calibration lts --overwrite"]
 export: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make export RUN=<MLflow run id or name, run folder or checkpoint file> [NAME=<bundle>] [ARGS=…]"; exit 2; }
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(RUN)" $(if $(NAME),--name "$(NAME)") $(ARGS)
+	$(PY) -m pipeline export "$(RUN)" $(if $(NAME),--name "$(NAME)") $(ARGS)
 
 ## check an exported bundle offline with MONAI's tools, one line per check: make verify-bundle NAME=<bundle | folder>
 ##   the checks that run the bundle's configs and scripts (code) run only with TRUST=1: for a bundle you trust
@@ -114,9 +115,9 @@ ifndef SHIPPED_RUN
 SHIPPED_RUN := shipped-mni-mbls-unet-$(shell date +%Y%m%d-%H%M%S)
 endif
 shipped-bundle: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline train --dataset mni --loss mbls --backbone unet \
+	$(PY) -m pipeline train --dataset mni --loss mbls --backbone unet \
 		--run-name "$(SHIPPED_RUN)" --quiet
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline export "$(SHIPPED_RUN)" \
+	$(PY) -m pipeline export "$(SHIPPED_RUN)" \
 		--name mni_brain_tissue_mbls_unet --calibration auto --with-data --overwrite
 	$(PY) -m pipeline.export mni_brain_tissue_mbls_unet --trust-code
 
@@ -136,7 +137,7 @@ bench-losses: $(STAMP)
 ##   [EPOCHS=n] [BACKBONES=a,b] [REPORT=only] [MARGINS=ece=0.003,dsc=0.02]; the report goes to reports/<dataset>/<grid>/
 GRID ?= paper
 compare: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline compare --dataset $(DATASET) --grid $(GRID) \
+	$(PY) -m pipeline compare --dataset $(DATASET) --grid $(GRID) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SHARD),--shard $(SHARD)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BACKBONES),--backbones $(BACKBONES)) \
 		$(if $(REPORT),--report $(REPORT)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") \
@@ -160,5 +161,5 @@ check-statistics: $(STAMP)
 ##   make screenshots [RUN=<parent run id | comparison id, e.g. mni/paper>] [OUT=docs/img]
 ##   needs (not installed by `make install`): apt-get install -y chromium && .venv/bin/pip install playwright
 screenshots: $(STAMP)
-	MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(PY) -m pipeline.compare.screenshots $(if $(RUN),--run "$(RUN)") \
+	$(PY) -m pipeline.compare.screenshots $(if $(RUN),--run "$(RUN)") \
 		$(if $(OUT),--out "$(OUT)") $(ARGS)

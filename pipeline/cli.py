@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from pipeline import config as cfg
+
+TRUST_HELP = ("read the run folder's config.yaml even if this MLflow store did not record it (a folder from "
+              "elsewhere): its $ expressions are Python code and run")
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -52,10 +57,13 @@ def _print_tables(out: dict, title: str) -> None:
 def resume_parser(args: argparse.Namespace):
     """``train --resume RUN``: the run's own saved config, with the command's explicit overrides (which must not
     change it), and the run's name and folder."""
-    from pipeline.resume import find_run_folder
+    from pipeline.resume import find_run_folder, read_record
+    from pipeline.runs import check_trusted
     from pipeline.tracking import tracking_uri
 
-    run_dir = find_run_folder(args.resume, tracking_uri())
+    uri = tracking_uri()
+    run_dir = find_run_folder(args.resume, uri)
+    check_trusted(run_dir, read_record(run_dir).get("run_id"), uri, args.trust)  # its `$` expressions are code
     parser = cfg.load_run_config(run_dir / "config.yaml")
     overrides = cfg.parse_assignments(args.overrides)
     overrides.update(cfg.parse_assignments(args.loss_args, prefix="loss::"))
@@ -76,10 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         parser = build_parser(args)
         run_name = args.run_name or default_run_name(parser)
     parser.get_parsed_content("loss")  # a bad loss parameter (e.g. LOSS_ARGS) fails here, before the data are read
+    if args.nproc is not None and args.nproc != 1 and "WORLD_SIZE" not in os.environ:
+        return launch_train(args, parser, run_name)
     try:
         out = run_training(parser, run_name=run_name, quiet=args.quiet)
     except TrackingStoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # the message masks the URI's password
         return 2
     except TrainingTerminated as e:
         print(f"error: training {e}; the MLflow run is marked KILLED. Continue it with the same command, or "
@@ -93,10 +103,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def launch_train(args: argparse.Namespace, parser, run_name: str | None) -> int:
+    """``train --nproc n``: the same command in ``n`` processes on this machine (:mod:`pipeline.launch`), under
+    the run name chosen here (so that a failed job's run is known to this process)."""
+    from pipeline.launch import launch
+    from pipeline.training import default_run_name
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
+    argv = without_option(args.argv, "--nproc")
+    if run_name is None:
+        run_name = default_run_name(parser)
+        argv += ["--run-name", run_name]
+    run_dir = Path(parser.get_parsed_content("output_dir")) / run_name
+    return launch(args.nproc, argv, run_dir, run_name)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import evaluate_run
 
-    out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet)
+    out = evaluate_run(args.run, overrides=cfg.parse_assignments(args.overrides), quiet=args.quiet, trust=args.trust)
     _print_tables(out, "Test results:")
     print(f"run folder : {out['run_dir']}  (summary.md, figures, maps/, posthoc/)")
     print(f"MLflow run : {out['run_id']}  (test metrics at step {out['step']})")
@@ -107,7 +146,7 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     from pipeline.journal import sync_journal
     from pipeline.resume import find_run_folder, read_record
     from pipeline.tracking import RunTracker, tracking_uri
-    from pipeline.tracking_store import TrackingStoreError, check_store
+    from pipeline.tracking_store import TrackingStoreError, check_store, mask_uri
 
     uri = tracking_uri()
     try:
@@ -125,7 +164,7 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
     else:
         ops = ", ".join(f"{n} {op}" for op, n in sorted(out["by_op"].items()))
         print(f"synced {out['entries']} pending write(s) ({ops}) of {run_dir} into MLflow run(s) "
-              f"{', '.join(out['run_ids'])} ({uri})")
+              f"{', '.join(out['run_ids'])} ({mask_uri(uri)})")
     return 0
 
 
@@ -201,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue a run (its folder, MLflow run id or name) with its own config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (DDP; sockets on the loopback interface only)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("sync-mlflow", help="write a run's pending MLflow writes (metrics.jsonl) into MLflow")
     p.add_argument("run", help="run folder (runs/<name>), MLflow run id or run name")
@@ -210,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the run, e.g. --set evaluation::noise::sigmas=[]")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo-data", help="write a small synthetic sample in a dataset's official layout")
@@ -258,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    args.argv = argv
+    sys.excepthook = masked_excepthook
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg.quiet_warnings()
     try:
@@ -269,9 +315,25 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(e.__cause__, (ValueError, KeyError)):
                 raise
             e = e.__cause__
+        from pipeline.launch import note_error
+        from pipeline.tracking_store import mask_uri
+
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {mask_uri(msg)}", file=sys.stderr)
+        note_error(f"{type(e).__name__}: {msg}")  # for the launcher of `train --nproc n`, if any
         return 2
+
+
+def masked_excepthook(exc_type, exc, tb) -> None:
+    """Print an uncaught error's traceback as Python does, with every URI's password masked (an MLflow client error
+    quotes the store's URL); in a process of ``train --nproc n``, also note the error for the launcher."""
+    import traceback
+
+    from pipeline.launch import note_error
+    from pipeline.tracking_store import mask_uri
+
+    sys.stderr.write(mask_uri("".join(traceback.format_exception(exc_type, exc, tb))))
+    note_error("".join(traceback.format_exception_only(exc_type, exc)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Multi-process training on PyTorch's own engine: ``torchrun`` starts the processes, ``ignite.distributed`` joins
-them in a process group (nccl on GPUs, one device per local rank; gloo on the CPU), ``DistributedDataParallel``
-averages the gradients. ``make train NPROC=n`` runs ``torchrun --standalone --nproc_per_node=n -m pipeline train``;
-across nodes, ``torchrun --nnodes … --node_rank … --rdzv_endpoint …`` (README). One process is the plain run:
-:class:`DistributedRun` then changes nothing.
+"""Multi-process training on PyTorch's own engine: torch's elastic agent starts the processes, ``ignite.distributed``
+joins them in a process group (nccl on GPUs, one device per local rank; gloo on the CPU), ``DistributedDataParallel``
+averages the gradients. ``make train NPROC=n`` runs ``python -m pipeline train --nproc n`` (:mod:`pipeline.launch`:
+the agent with a rendezvous on the loopback interface); across nodes, ``torchrun --nnodes … --node_rank …
+--rdzv_endpoint …`` (README). One process is the plain run: :class:`DistributedRun` then changes nothing. Every
+exchange between the processes waits at most the config's ``distributed_timeout`` minutes, so a dead, frozen or
+stalled process fails the job instead of hanging it.
 
 What each process does (``run_training`` calls the methods of :class:`DistributedRun`):
 
@@ -47,8 +49,23 @@ from pipeline.data.sharding import (
     slice_loader,
 )
 
-#: how long processes wait for each other in a collective (rank 0 caches the validation and test volumes as well)
-TIMEOUT = timedelta(hours=3)
+#: the config key: how many minutes a process waits for the others in one collective before its job fails
+TIMEOUT_KEY = "distributed_timeout"
+
+
+def collective_timeout(minutes) -> timedelta:
+    """The process group's timeout from the config value ``minutes`` (a positive number).
+
+    Raises:
+        ValueError: naming the key and the value, when it is not a positive number.
+    """
+    try:
+        value = float(minutes)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf") or isinstance(minutes, bool):
+        raise ValueError(f"{TIMEOUT_KEY} must be a positive number of minutes (e.g. 30), got {minutes!r}")
+    return timedelta(minutes=value)
 
 
 def process_seed(seed: int, rank: int) -> int:
@@ -94,9 +111,17 @@ class DistributedRun:
         self.sampler: ShardSampler | None = None
 
     @classmethod
-    def start(cls, device: torch.device | str) -> DistributedRun:
+    def start(cls, device: torch.device | str, timeout_minutes=30) -> DistributedRun:
         """Join the process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1): nccl for a CUDA ``device`` (this
-        process then uses GPU ``LOCAL_RANK``), gloo otherwise. Without ``torchrun``, a one-process run."""
+        process then uses GPU ``LOCAL_RANK``), gloo otherwise. Without ``torchrun``, a one-process run.
+
+        ``timeout_minutes`` (the config's ``distributed_timeout``) bounds every wait for the other processes: a
+        collective that a dead, frozen or stalled process never joins fails after it, in every process still alive.
+
+        Raises:
+            ValueError: ``timeout_minutes`` is not a positive number (checked in one process too).
+        """
+        timeout = collective_timeout(timeout_minutes)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world < 2 and idist.get_world_size() < 2:
             return cls()
@@ -104,7 +129,7 @@ class DistributedRun:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if idist.get_world_size() < 2:
-            idist.initialize("nccl" if cuda else "gloo", timeout=TIMEOUT)
+            idist.initialize("nccl" if cuda else "gloo", timeout=timeout)
         return cls(idist.get_rank(), idist.get_world_size(), idist.get_local_rank(), idist.get_nproc_per_node(),
                    idist.backend())
 

@@ -32,13 +32,14 @@ from pipeline.io import write_json_atomic
 from pipeline.journal import JOURNAL
 from pipeline.locks import FileLock, LockTimeout
 from pipeline.tracking import RUN_LOCK, RunTracker
-from pipeline.tracking_store import prepare_store
+from pipeline.tracking_store import mask_uri, prepare_store
 
 log = logging.getLogger("pipeline")
 
 RUN_RECORD = "run.json"
 #: config keys that do not change what a run computes: they may differ between a run and its resumption
-MACHINE_KEYS = ("cache", "cache_dir", "cache_memory_fraction", "checkpoint_interval", "output_dir")
+MACHINE_KEYS = ("cache", "cache_dir", "cache_memory_fraction", "checkpoint_interval", "distributed_timeout",
+                "output_dir")
 
 
 class RunBusyError(FileExistsError):
@@ -112,7 +113,7 @@ class RunStart:
                 self.release()
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
-        write_record(self.run_dir, run_id=tracker.run_id, tracking_uri=uri, experiment=experiment)
+        write_record(self.run_dir, run_id=tracker.run_id, tracking_uri=mask_uri(uri), experiment=experiment)
         return tracker
 
 
@@ -202,8 +203,8 @@ def plan_run(config: dict, run_dir: str | os.PathLike, uri: str) -> RunStart:
             f"cannot resume the run in {run_dir}: its config.yaml differs from this command's config in "
             f"{len(diffs)} key(s): " + "; ".join(diffs)
             + ". Repeat the run's own settings, or choose another --run-name for a new run")
-    if record.get("tracking_uri") and record["tracking_uri"] != uri:
-        raise ValueError(f"the run in {run_dir} is tracked in {record['tracking_uri']}, not in {uri}: set "
+    if record.get("tracking_uri") and record["tracking_uri"] not in (uri, mask_uri(uri)):  # run.json: masked
+        raise ValueError(f"the run in {run_dir} is tracked in {record['tracking_uri']}, not in {mask_uri(uri)}: set "
                          f"MLFLOW_TRACKING_URI={record['tracking_uri']} to resume it")
     lock = _take_lock(run_dir)
     last = run_dir / "checkpoints" / LAST

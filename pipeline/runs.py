@@ -1,11 +1,16 @@
 """Trained runs on disk and in MLflow: find a run's folder, its weights and its MLflow run; load the weights.
 
 A run is named by an MLflow run id or run name, a run folder ``runs/<name>``, or a checkpoint file inside one.
+
+A run folder's ``config.yaml`` is code: its ``$`` expressions run as Python when it is read. :func:`check_trusted`
+lets a command read it only when it is the config the tracking store's MLflow run of that folder holds (the copy
+logged when this store's training started it), or after an explicit ``--trust``.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -108,6 +113,40 @@ def resolve_run(run: str, uri: str | None = None, runs_root: Path | None = None)
                 pass
         how += f"; its run folder {recorded} is missing, restored from its artifacts into {run_dir}"
     return {"run_dir": run_dir, "checkpoint": find_checkpoint(run_dir), "run_id": run_id, "how": how}
+
+
+class UntrustedRunConfig(ValueError):
+    """A run folder's ``config.yaml`` that this tracking store did not record: it is not read without ``--trust``."""
+
+
+def check_trusted(run_dir: Path, run_id: str | None, uri: str | None = None, trust: bool = False) -> None:
+    """Allow reading ``run_dir/config.yaml`` (which runs its ``$`` expressions) only when ``trust`` is set or when it
+    is byte for byte the ``config.yaml`` artifact of the MLflow run ``run_id`` in the store ``uri``: the store is
+    this machine's record of the runs it trained, so a folder from elsewhere (or a config edited since) is refused.
+
+    Raises:
+        UntrustedRunConfig: naming the file, why it is not trusted, and the flag that runs it anyway.
+    """
+    if trust:
+        return
+    config = Path(run_dir) / "config.yaml"
+    reason = None
+    if run_id is None:
+        reason = "no MLflow run of this tracking store records the folder"
+    else:
+        with tempfile.TemporaryDirectory(prefix="mbls-config-") as tmp:
+            try:
+                logged = Path(mlflow.MlflowClient(tracking_uri=uri or tracking_uri()).download_artifacts(
+                    run_id, "config.yaml", tmp))
+                if logged.read_bytes() != config.read_bytes():
+                    reason = f"it differs from the config.yaml its MLflow run {run_id} logged when it was trained"
+            except (MlflowException, OSError):
+                reason = f"its MLflow run {run_id} holds no config.yaml artifact to compare it with"
+    if reason:
+        raise UntrustedRunConfig(
+            f"{config} is not a config this machine's MLflow store recorded ({reason}). A run folder's config.yaml is "
+            "code: its `$` expressions run as Python when it is read. Read it first; if you trust it, repeat the "
+            "command with --trust (make … ARGS=\"--trust\")")
 
 
 def next_step(client, run_id: str) -> int:

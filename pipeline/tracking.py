@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import REPO_ROOT
 from pipeline.journal import JOURNAL, append_entry
 from pipeline.locks import held_elsewhere
-from pipeline.tracking_store import prepare_store
+from pipeline.tracking_store import mask_uri, prepare_store
 
 DEFAULT_DB = REPO_ROOT / "mlruns.db"
 #: what a failing store raises (a locked SQLite file, an unreachable server, a full disk)
@@ -297,7 +297,8 @@ class RunTracker:
         if self.journal is None:
             raise error
         log.warning("MLflow store %s failed (%s); going on, pending writes kept in %s: sync them later with "
-                    "`make sync-mlflow RUN=%s`", self.uri, str(error).splitlines()[0][:200], self.journal,
+                    "`make sync-mlflow RUN=%s`", mask_uri(self.uri), mask_uri(str(error).splitlines()[0][:200]),
+                    self.journal,
                     self.journal.parent)
         self._outage_until = time.monotonic() + self.outage_s
         self._to_journal(op, entry)

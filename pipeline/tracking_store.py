@@ -30,8 +30,26 @@ LOCAL_CURE = "or unset MLFLOW_TRACKING_URI to use the local store sqlite:///<rep
 _prepared: set[str] = set()
 
 
+#: the password of a URI's user information: ``scheme://user:PASSWORD@host``
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
+
+
+def mask_uri(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***``: what is printed or stored of a tracking
+    URI (a ``MLFLOW_TRACKING_URI`` such as ``postgresql://user:secret@host/db``).
+
+    >>> mask_uri("postgresql://mlflow:s3cret@db.example.org:5432/mlflow")
+    'postgresql://mlflow:***@db.example.org:5432/mlflow'
+    """
+    return _PASSWORD.sub(r"\g<head>:***@", str(text))
+
+
 class TrackingStoreError(RuntimeError):
-    """The MLflow tracking store cannot take a run; the message names the store and the cure."""
+    """The MLflow tracking store cannot take a run; the message names the store (its password masked) and the
+    cure."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_uri(message))
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -71,7 +71,8 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
     set_determinism(seed=seed)
     names = {k: parser[f"{k}_name"] for k in ("dataset", "loss", "backbone")}
     run_name = run_name or default_run_name(parser)
-    dist = DistributedRun.start(value("device"))  # joins torchrun's processes; one process: a plain run
+    # joins torchrun's processes (one process: a plain run)
+    dist = DistributedRun.start(value("device"), parser.get_parsed_content("distributed_timeout", default=30))
     run_name, quiet = dist.same_text(run_name), quiet or not dist.is_primary
     uri = tracking_uri()
     start = None

@@ -229,3 +229,34 @@ def test_a_complete_nifti_gz_is_checked_from_its_trailer_without_decompressing(p
 
     monkeypatch.setattr(validation, "_gzip_length", fail)
     assert read_header(_hippo(pristine["hippocampus"], "imagesTr", 1)).shape == (12, 16, 10)
+
+
+@pytest.mark.parametrize("name", ["hippocampus", "promise"])
+@pytest.mark.parametrize("key, bad", [("image", "../../outside/x.nii.gz"), ("label", "/etc/outside.nii.gz"),
+                                      ("image", "./imagesTr/../../x.nii.gz"), ("label", 7)])
+def test_a_dataset_json_path_outside_the_dataset_folder_is_refused_naming_it(pristine, tmp_path, name, key, bad):
+    import json
+
+    root = _copy(pristine, name, tmp_path)
+    (listing,) = root.rglob("dataset.json")
+    outside = tmp_path / "outside"  # a real volume there: the refusal is not a missing file
+    outside.mkdir()
+    shutil.copy(next((listing.parent / "imagesTr").iterdir()), outside / "x.nii.gz")
+    meta = json.loads(listing.read_text())
+    meta["training"][1][key] = bad
+    listing.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{listing}: training\[1\]\.{key} ") as e:
+        _problems(name, root)
+    assert repr(bad) in str(e.value)
+    assert ("outside the dataset folder" if isinstance(bad, str) else "must be a path inside") in str(e.value)
+
+
+def test_dataset_json_paths_inside_the_folder_are_read(pristine, tmp_path):
+    import json
+
+    root = _copy(pristine, "hippocampus", tmp_path)
+    (listing,) = root.rglob("dataset.json")
+    meta = json.loads(listing.read_text())
+    meta["training"][0]["image"] = "imagesTr/sub/../" + meta["training"][0]["image"].split("/")[-1]
+    listing.write_text(json.dumps(meta))
+    assert _problems("hippocampus", root) == []

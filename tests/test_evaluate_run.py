@@ -16,6 +16,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.evaluation import evaluate_run
 from pipeline.posthoc import LocalTemperatureScaling, TemperatureScaling
+from pipeline.runs import UntrustedRunConfig
 from pipeline.training import run_training
 from tests.helpers import BLOBS_CONFIG, BlobSource, make_config_dir, tiny_unet_overrides, write_blob_volumes
 
@@ -146,7 +147,10 @@ def test_evaluate_by_checkpoint_unknown_folder_and_missing_folder(trained, tmp_p
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg.pop("evaluation")
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
-    new = evaluate_run(str(copy), overrides=SMALL_EVALUATION, quiet=True)
+    with pytest.raises(UntrustedRunConfig, match=r"copied-run/config.yaml is not a config this machine's MLflow store "
+                                                 r"recorded \(no MLflow run of this tracking store records the folder"):
+        evaluate_run(str(copy), overrides=SMALL_EVALUATION, quiet=True)
+    new = evaluate_run(str(copy), overrides=SMALL_EVALUATION, quiet=True, trust=True)
     assert new["created_run"] and new["run_id"] != out["run_id"]
     assert "no MLflow run" in new["how"] and f"created MLflow run {new['run_id']}" in new["how"]
     assert new["settings"]["lts"]["lr"] == 0.001  # defaults filled in for the missing block
@@ -164,6 +168,42 @@ def test_evaluate_by_checkpoint_unknown_folder_and_missing_folder(trained, tmp_p
         assert restored["results"]["mean"]["dsc"] == pytest.approx(out["results"]["mean"]["dsc"])
     finally:
         shutil.move(hidden, out["run_dir"])
+
+
+def _with_marker(config: Path, marker: Path) -> None:
+    """Make the config's ``seed`` an expression that writes ``marker`` when it is evaluated."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["seed"] = f"$[open({str(marker)!r}, 'w').close(), 0][1]"
+    config.write_text(yaml.safe_dump(cfg))
+
+
+def test_a_run_folder_from_elsewhere_is_not_read_without_trust(trained, tmp_path, capsys):
+    received = tmp_path / "received-run"
+    shutil.copytree(trained["out"]["run_dir"], received)
+    marker = tmp_path / "marker"
+    _with_marker(received / "config.yaml", marker)
+    for argv in (["evaluate", str(received), "--quiet"], ["train", "--resume", str(received), "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {received}/config.yaml is not a config this machine's MLflow store recorded" in err
+        assert "is code: its `$` expressions run as Python" in err and "--trust" in err
+        assert not marker.exists()
+    assert main(["evaluate", str(received), "--quiet", "--trust", *[a for k, v in SMALL_EVALUATION.items()
+                                                                     for a in ("--set", f"{k}={json.dumps(v)}")]]) == 0
+    assert marker.exists()  # with the flag, the config's code ran
+
+
+def test_a_run_config_edited_after_training_is_not_read_without_trust(trained, tmp_path):
+    config = Path(trained["out"]["run_dir"]) / "config.yaml"
+    original = config.read_text()
+    marker = tmp_path / "marker"
+    try:
+        _with_marker(config, marker)
+        with pytest.raises(UntrustedRunConfig, match=r"it differs from the config.yaml its MLflow run \w+ logged"):
+            evaluate_run(trained["out"]["run_id"], overrides=SMALL_EVALUATION, quiet=True)
+        assert not marker.exists()
+    finally:
+        config.write_text(original)
 
 
 def test_evaluate_run_names_what_is_missing(trained, tmp_path):

@@ -45,7 +45,7 @@ GRID_KEYS = ("name", "backbones", "seeds", "reference", "baseline", "methods")  
 #: config keys that say where or how a run executes, not what it computes: left out of the key
 MACHINE_KEYS = ("output_dir", "data_dir", "cache_dir", "cache", "cache_memory_fraction", "num_workers", "device",
                 "experiment_name", "channels_last", "find_unused_parameters", "checkpoint_interval",
-                "imports")  # the Python modules the config's expressions may use
+                "distributed_timeout", "imports")  # the Python modules the config's expressions may use
 #: keys whose expression depends on the machine: the key holds their value on this machine (``amp``: on CUDA only)
 RESOLVED_KEYS = ("amp",)
 

@@ -3,12 +3,15 @@ Hippocampus (Task04) and the PROMISE prostate set (Task05).
 
 Cases are the union of the training pairs listed in ``dataset.json`` and the files found in ``imagesTr/`` and
 ``labelsTr/`` (so that an image without a label, or the reverse, is reported rather than skipped). A listed
-``.nii.gz`` that exists as ``.nii`` (or in other letter case) is found; macOS ``._*`` files are ignored.
+``.nii.gz`` that exists as ``.nii`` (or in other letter case) is found; macOS ``._*`` files are ignored. A path in
+``dataset.json`` must stay inside the task folder (``../…`` or an absolute path is refused, naming it): a dataset
+received from elsewhere cannot make the pipeline read files outside it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +32,30 @@ def find_task(root: Path, prefix: str) -> Path | None:
     return find_dir(root, lambda d: _is_task(d, prefix.lower()))
 
 
+def listed_path(listing: Path, index: int, key: str, value) -> str:
+    """``value``, the ``key`` of the ``index``-th ``training`` entry of ``listing`` (a ``dataset.json``), checked: a
+    relative path that stays inside the listing's folder once ``.`` and ``..`` are resolved (symbolic links are not
+    followed: a dataset may link its files from elsewhere).
+
+    Raises:
+        ValueError: naming the file, the entry and the path, when it is not a string or leaves the folder.
+    """
+    where = f"{listing}: training[{index}].{key}"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a path inside the dataset folder, got {value!r}")
+    folder = os.path.normpath(listing.parent.absolute())
+    target = os.path.normpath(os.path.join(folder, value))
+    if os.path.isabs(value) or not target.startswith(folder + os.sep):
+        raise ValueError(f"{where} is {value!r}, a path outside the dataset folder {folder}: dataset.json may only "
+                         "list files inside its own folder (e.g. ./imagesTr/<case>.nii.gz)")
+    return value
+
+
 def decathlon_cases(task: Path) -> list[dict]:
     """Cases ``{"id", "image", "label"}`` of an MSD task folder, sorted by id.
 
     Raises:
-        ValueError: ``dataset.json`` exists but is not valid JSON.
+        ValueError: ``dataset.json`` exists but is not valid JSON, or lists a path outside the task folder.
     """
     images_dir = subdir(task, "imagesTr") or task / "imagesTr"
     labels_dir = subdir(task, "labelsTr") or task / "labelsTr"
@@ -45,11 +67,13 @@ def decathlon_cases(task: Path) -> list[dict]:
             meta = json.loads(listing.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{listing} is not valid JSON: {e}") from e
-        for entry in meta.get("training", []):
+        for i, entry in enumerate(meta.get("training", []) if isinstance(meta, dict) else []):
             if not isinstance(entry, dict) or "image" not in entry:
                 continue
-            stem = nifti_stem(Path(entry["image"]).name) or Path(entry["image"]).name
-            pairs[stem.lower()] = {"image": entry["image"], "label": entry.get("label")}
+            image = listed_path(listing, i, "image", entry["image"])
+            label = listed_path(listing, i, "label", entry["label"]) if entry.get("label") is not None else None
+            stem = nifti_stem(Path(image).name) or Path(image).name
+            pairs[stem.lower()] = {"image": image, "label": label}
     for stem in set(images) | set(labels):
         pairs.setdefault(stem, {})
     cases = []

@@ -16,25 +16,32 @@ from pipeline.config import apply_overrides
 from pipeline.data.prepare import prepare_data
 from pipeline.evaluation.evaluate import evaluate_trained
 from pipeline.evaluation.settings import evaluation_settings
-from pipeline.runs import load_weights, next_step, resolve_run
+from pipeline.runs import check_trusted, load_weights, next_step, resolve_run
 from pipeline.tracking import RunTracker, tracking_uri
+from pipeline.tracking_store import mask_uri
 
 
 def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False,
-                 runs_root: str | Path | None = None) -> dict:
+                 runs_root: str | Path | None = None, trust: bool = False) -> dict:
     """``make evaluate RUN=…``: rebuild a trained run's network and data from its saved config, load its best
     weights, evaluate on the test volumes and log everything into the same MLflow run.
 
     Args:
         run: an MLflow run id (or run name), a run folder ``runs/<name>``, or a checkpoint file (its run folder is
-            the folder above ``checkpoints/``). A run folder that no MLflow run records gets a new MLflow run.
+            the folder above ``checkpoints/``). A run folder that no MLflow run records gets a new MLflow run
+            (with ``trust`` only).
         overrides: config overrides (``{"evaluation::noise::sigmas": []}``); ``evaluation`` settings missing from an
             older run's config take their defaults.
         runs_root: where a run folder that is gone is restored from MLflow (default: ``runs/`` of the repository).
+        trust: read the run folder's ``config.yaml`` (code: its ``$`` expressions run) even when the tracking store
+            did not record it (a folder from elsewhere; :func:`pipeline.runs.check_trusted`).
 
     Returns:
         what :func:`pipeline.evaluation.evaluate.evaluate_trained` returns, plus ``run_id``, ``run_dir``,
         ``checkpoint``, ``how``, ``step``.
+
+    Raises:
+        pipeline.runs.UntrustedRunConfig: the config was not recorded by this store and ``trust`` is not set.
     """
     uri = tracking_uri()
     found = resolve_run(run, uri, Path(runs_root) if runs_root else None)
@@ -42,6 +49,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config.yaml in the run folder {run_dir}: cannot rebuild the network and data")
+    check_trusted(run_dir, found["run_id"], uri, trust)  # its `$` expressions are code
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["evaluation"] = evaluation_settings(parser.get("evaluation") if "evaluation" in parser.get() else None)
@@ -70,7 +78,7 @@ def evaluate_run(run: str, overrides: Mapping | None = None, quiet: bool = False
     with tracker:
         step = next_step(tracker.client, tracker.run_id)
         if not quiet:
-            print(found["how"], flush=True)
+            print(mask_uri(found["how"]), flush=True)
             print(f"weights: {checkpoint}", flush=True)
         out = evaluate_trained(parser, network, data, run_dir, tracker, step=step, checkpoint=checkpoint,
                                settings=settings, last_state=last_state, quiet=quiet)
