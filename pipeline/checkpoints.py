@@ -6,8 +6,8 @@ last one, atomically and flushed to disk) holds the network, optimizer, LR sched
 the trainer's epoch and iteration, the best validation metric (its epoch and the best checkpoint's file), the
 training time so far, and every random state that shapes the next epochs: torch (CPU and CUDA), NumPy, Python
 ``random``, the training loader's shuffling generator and the generator of every MONAI ``Randomizable``
-augmentation transform. Loaded into a freshly built run (same config, same seed), the remaining epochs then give the
-same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
+augmentation transform; and the loss's own state when it has one (``state_dict()``, e.g. CRaC's multipliers).
+Loaded into a freshly built run (same config, same seed), the remaining epochs then give the same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
 
 A checkpoint is never written from weights that are NaN or infinite (:class:`pipeline.engines.NonFiniteLossError`
 is raised instead), and nothing is written when training stops on an error: ``last.pt`` is always the last good
@@ -183,11 +183,13 @@ class TrainingCheckpoint:
         generator: the training loader's shuffling generator.
         transforms: the augmentation transforms (e.g. the training ``SliceDataset.transform``).
         interval: write every ``interval`` epochs (default 1); the last epoch is always written.
+        loss: the training loss; its ``state_dict()`` (empty for a loss without state) is kept and restored.
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler=None, evaluator: Engine | None = None, best_saver=None,
-                 generator: torch.Generator | None = None, transforms: Any = None, interval: int = 1) -> None:
+                 generator: torch.Generator | None = None, transforms: Any = None, interval: int = 1,
+                 loss: torch.nn.Module | None = None) -> None:
         if int(interval) < 1:
             raise ValueError(f"checkpoint_interval must be a whole number >= 1, got {interval}")
         self.path = Path(path)
@@ -195,6 +197,7 @@ class TrainingCheckpoint:
         self.evaluator, self.best_saver = evaluator, best_saver
         self.generator, self.transforms = generator, transforms
         self.interval = int(interval)
+        self.loss = loss
         self.seconds_before = 0.0  # training time of the earlier processes of a resumed run
         self._t0: float | None = None
 
@@ -234,6 +237,7 @@ class TrainingCheckpoint:
                      else str(best.last_checkpoint)},
             "train_seconds": self.train_seconds(),
             "rng": rng_states(self.generator, self.transforms),
+            "loss": {} if self.loss is None else self.loss.state_dict(),
         }
 
     def save(self, trainer: Engine) -> Path:
@@ -281,6 +285,8 @@ class TrainingCheckpoint:
         record = self._best_record()
         if record is not None and best["saver"] is not None:
             record.load_state_dict(best["saver"])
+        if self.loss is not None and state.get("loss"):
+            self.loss.load_state_dict(state["loss"])
         self.seconds_before = float(state.get("train_seconds", 0.0))
         set_rng_states(state["rng"], self.generator, self.transforms)
         return state

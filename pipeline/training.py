@@ -145,7 +145,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         checkpoint = TrainingCheckpoint(  # the last of the epoch's handlers: it saves the epoch as finished
             run_dir / "checkpoints" / LAST, network, optimizer, scheduler, evaluator, best_saver,
             getattr(loader, "generator", None), getattr(loader.dataset, "transform", None),
-            int(value("checkpoint_interval")))
+            int(value("checkpoint_interval")), loss_fn)
         if dist.is_primary:  # rank 0 writes; every process loads when a run continues
             checkpoint.attach(trainer)
         if resume_from:
