@@ -7,7 +7,8 @@ the trainer's epoch and iteration, the best validation metric (its epoch and the
 training time so far, and every random state that shapes the next epochs: torch (CPU and CUDA), NumPy, Python
 ``random``, the training loader's shuffling generator and the generator of every MONAI ``Randomizable``
 augmentation transform; and the loss's own state when it has one (``state_dict()``, e.g. CRaC's multipliers).
-Loaded into a freshly built run (same config, same seed), the remaining epochs then give the same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
+Loaded into a freshly built run (same config, same seed), the remaining epochs then give the same weights,
+bit for bit on a CPU with the same thread count, as an uninterrupted run.
 
 A checkpoint is never written from weights that are NaN or infinite (:class:`pipeline.engines.NonFiniteLossError`
 is raised instead), and nothing is written when training stops on an error: ``last.pt`` is always the last good
