@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 from monai.losses import NACLLoss
 
-from pipeline.losses import (ACEDiceCE, AdaptiveConditionalLabelSmoothing, NeighbourAwareCalibration, boundary_mask,
-                             build_loss, class_proportions, marginal_l1_ace, phr)
+from pipeline.losses import (
+    ACEDiceCE,
+    AdaptiveConditionalLabelSmoothing,
+    NeighbourAwareCalibration,
+    boundary_mask,
+    build_loss,
+    class_proportions,
+    marginal_l1_ace,
+    phr,
+)
 from pipeline.losses.svls import svls_kernel
 
 # a label map touching the border on every side, with class 2 absent
@@ -66,7 +74,8 @@ def test_border_proportions_by_hand():
     assert tau[0, :, 2, 3].tolist() == pytest.approx([7 / 9, 0, 0, 2 / 9])
     assert tau[0, 2].abs().sum() == 0  # the absent class
     # every pixel of a label map touching the border with a non-zero class is a boundary pixel there
-    assert bool(boundary_mask(BORDER)[0, 0, 0]) and not bool(boundary_mask(torch.zeros(1, 3, 3, dtype=torch.long)).any())
+    assert bool(boundary_mask(BORDER)[0, 0, 0])
+    assert not bool(boundary_mask(torch.zeros(1, 3, 3, dtype=torch.long)).any())
 
 
 def test_released_boundary_test_only_misses_boundary_pixels():
@@ -99,8 +108,9 @@ def test_nacl_value_and_gradient_on_a_border_map(distance):
     assert torch.allclose(grad, ce_grad + 0.3 * pen_grad, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel,distance,shape", [("mean", "l1", (2, 3, 6, 7)), ("gaussian", "l2", (2, 3, 6, 7)),
-                                                   ("mean", "l2", (1, 3, 4, 5, 6)), ("gaussian", "l1", (1, 3, 4, 5, 6))])
+@pytest.mark.parametrize("kernel,distance,shape", [
+    ("mean", "l1", (2, 3, 6, 7)), ("gaussian", "l2", (2, 3, 6, 7)),
+    ("mean", "l2", (1, 3, 4, 5, 6)), ("gaussian", "l1", (1, 3, 4, 5, 6))])
 def test_nacl_monai_variant_equals_monai_nacl_loss(kernel, distance, shape):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(*shape, generator=g)
