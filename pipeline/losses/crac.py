@@ -47,7 +47,7 @@ class ClassRegionConstraints(SegmentationLoss):
     ``crac/rho_b<k>``, ``crac/rho_i<k>``: boundary and interior, class ``k``).
 
     Args:
-        num_classes: ``K`` (the config passes the dataset's).
+        num_classes: ``K`` (the config passes the dataset's; ``None``: taken from the first logits).
         margin: ``m`` on interior voxels (default 5 and ``rho`` 0.1: the released README's training commands; its
             config file has 1 and 1).
         rho: the initial and smallest penalty parameter.
@@ -59,11 +59,12 @@ class ClassRegionConstraints(SegmentationLoss):
         boundary_test: ``"exact"`` (default) or ``"released"`` (:func:`~pipeline.losses.neighbours.boundary_mask`).
     """
 
-    def __init__(self, num_classes: int, margin: float = 5.0, rho: float = 0.1, rho_max: float = 10.0,
+    def __init__(self, num_classes: int | None = None, margin: float = 5.0, rho: float = 0.1, rho_max: float = 10.0,
                  rho_step: int = 10, gamma: float = 1.2, tao: float = 0.9, kernel_size: int = 3,
                  boundary_test: str = "exact") -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
             raise ValueError(f"num_classes must be a whole number >= 2, got {num_classes!r}")
         if isinstance(rho_step, bool) or not isinstance(rho_step, int) or rho_step < 0:
             raise ValueError(f"rho_step must be a whole number >= 0, got {rho_step!r}")
@@ -71,27 +72,40 @@ class ClassRegionConstraints(SegmentationLoss):
             raise ValueError(f"kernel_size must be an odd integer >= 3, got {kernel_size!r}")
         if boundary_test not in BOUNDARY_TESTS:
             raise ValueError(f"boundary_test must be one of {', '.join(BOUNDARY_TESTS)}, got {boundary_test!r}")
-        self.num_classes, self.rho_step, self.kernel_size = num_classes, rho_step, kernel_size
+        self.rho_step, self.kernel_size = rho_step, kernel_size
         self.boundary_test = boundary_test
         self.margin = check_number("margin", margin, low=0)
         self.rho_min = check_number("rho", rho, low=0, low_open=True)
         self.rho_max = check_number("rho_max", rho_max, low=self.rho_min)
         self.gamma = check_number("gamma", gamma, low=1)
         self.tao = check_number("tao", tao, low=0)
+        self._init_state(num_classes or 0)
+
+    def _init_state(self, num_classes: int) -> None:
+        self.num_classes = num_classes
         columns = 2 * num_classes
         # training state, saved with the checkpoint (float64: the same numbers on every device)
-        self.register_buffer("lambd", torch.full((columns,), LAMBDA_MIN, dtype=torch.float64))
-        self.register_buffer("rho", torch.full((columns,), self.rho_min, dtype=torch.float64))
-        self.register_buffer("previous", torch.zeros(columns, dtype=torch.float64))
-        self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
+        device = self.lambd.device if hasattr(self, "lambd") else None
+        self.register_buffer("lambd", torch.full((columns,), LAMBDA_MIN, dtype=torch.float64, device=device))
+        self.register_buffer("rho", torch.full((columns,), self.rho_min, dtype=torch.float64, device=device))
+        self.register_buffer("previous", torch.zeros(columns, dtype=torch.float64, device=device))
+        self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool, device=device))
         # the epoch's sums (reset by end_epoch, so always zero in a checkpoint written after it)
-        self.register_buffer("grad_sum", torch.zeros(columns, dtype=torch.float64), persistent=False)
-        self.register_buffer("h_sum", torch.zeros(columns, dtype=torch.float64), persistent=False)
-        self.register_buffer("voxels", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("grad_sum", torch.zeros(columns, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("h_sum", torch.zeros(columns, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("voxels", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "lambd")
+        if saved is not None and self.num_classes == 0 and saved.numel() > 0:  # built without num_classes
+            self._init_state(saved.numel() // 2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def constraints(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``h`` per column, ``B×2K×spatial``: the boundary columns hold ``h`` on boundary voxels and 0 elsewhere,
         the interior columns the reverse."""
+        if self.num_classes == 0:
+            self._init_state(logits.shape[1])
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"CRaC was built for {self.num_classes} classes (num_classes), the logits have "
                              f"{logits.shape[1]}")
