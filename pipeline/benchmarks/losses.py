@@ -11,8 +11,9 @@ the table gives the median time over ``--repeats`` rounds and the median over ro
 ``time(loss) / time(ce)``.
 
 Then a whole training step of the default run (network, loss, backward, optimizer) is timed with CE and with each of
-MbLS, NACL, CRaC, mL1-ACE (hard, soft) and ACLS, paired: what a loss costs where it matters. (That measurement decided MbLS's implementation: a fused autograd
-function of CE and penalty made the step only 1-3 % faster than the plain expression, so the plain one stays.)
+MbLS, NACL, CRaC, mL1-ACE (hard, soft) and ACLS, paired: what a loss costs where it matters. (That measurement
+decided MbLS's implementation: a fused autograd function of CE and penalty made the step only 1-3 % faster than
+the plain expression, so the plain one stays.)
 """
 
 from __future__ import annotations
