@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import NACLLoss
 
+from pipeline.benchmarks.boundaries import count
+from pipeline.config import load_config
 from pipeline.losses import (
     ACEDiceCE,
     AdaptiveConditionalLabelSmoothing,
@@ -21,6 +23,7 @@ from pipeline.losses import (
     phr,
 )
 from pipeline.losses.svls import svls_kernel
+from tests.helpers import make_config_dir, write_blob_volumes
 
 # a label map touching the border on every side, with class 2 absent
 BORDER = torch.tensor([[[1, 1, 0, 0],
@@ -288,3 +291,12 @@ def test_every_new_loss_takes_2d_and_3d_inputs():
             value = loss(logits, labels)
             value.backward()
             assert value.ndim == 0 and torch.isfinite(logits.grad).all(), (name, shape)
+
+
+def test_boundary_count_on_a_dataset(tmp_path):
+    cfg = make_config_dir(tmp_path)
+    data = write_blob_volumes(tmp_path / "data")
+    t = count(load_config("blobs", "ce", "unet", {"data_dir": str(data)}, cfg))
+    for d in ("2d", "3d"):
+        assert t[f"released_only_{d}"] == 0 and t[f"exact_{d}"] - t[f"exact_only_{d}"] == t[f"released_{d}"]
+        assert 0 < t[f"exact_{d}"] < t[f"pixels_{d}"]
