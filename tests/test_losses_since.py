@@ -81,6 +81,14 @@ def test_border_proportions_by_hand():
     assert not bool(boundary_mask(torch.zeros(1, 3, 3, dtype=torch.long)).any())
 
 
+def test_released_boundary_test_is_the_released_expression():
+    # the released code's lines, re-typed: Unfold (zero padding), mean over the cells, sum of (mean − cell) ≠ 0
+    labels = torch.cat([blobs((40, 48), 4, s) for s in range(3)])
+    cells = torch.nn.Unfold(kernel_size=(3, 3), padding=1)(labels[:, None].float())
+    expected = ((cells.mean(dim=1, keepdim=True) - cells).sum(dim=1, keepdim=True) != 0).reshape(labels.shape)
+    assert torch.equal(boundary_mask(labels, test="released"), expected)
+
+
 def test_released_boundary_test_only_misses_boundary_pixels():
     labels = torch.cat([blobs((64, 64), 4, s) for s in range(4)])
     exact, released = boundary_mask(labels), boundary_mask(labels, test="released")

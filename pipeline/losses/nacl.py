@@ -8,7 +8,8 @@ code (``Bala93/MarginLoss``, ``calibrate/losses/spatial_adaptive_margin.py``, 2D
   border counted as class 0 (the released ``Unfold``'s zero padding), :func:`~pipeline.losses.neighbours.
   class_proportions`;
 - ``kernel="gaussian"``: the SVLS kernel (centre weight ½, replicate padding) of :mod:`pipeline.losses.svls`, which
-  is the released code's ``get_svls_filter_2d``.
+  is the released code's ``get_svls_filter_2d`` for its 3×3 kernel (for larger kernels the released code replaces
+  the weight at index ``[1, 1]``, not the centre's; the centre is used here).
 
 ``variant="monai"`` takes ``τ`` from ``monai.losses.NACLLoss`` instead; it differs at the border (its mean filter
 pads with zeros that belong to no class, so ``Σ_k τ_k < 1`` there) and its "gaussian" is a plain Gaussian of
