@@ -128,6 +128,9 @@ def test_multipliers_continue_exactly_after_a_resume_from_last_pt(tmp_path):
     assert (loss_a.lambd > 1e-6).any() and (loss_a.rho > 0.1).any()  # the state moved (ρ grew at epoch 4)
     for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
         assert torch.equal(a, b)
+    fresh = build_loss("crac")  # built without num_classes (as from configs/loss/crac.yaml): sized by the state
+    fresh.load_state_dict(torch.load(interrupted / "last.pt", weights_only=True)["loss"])
+    assert fresh.num_classes == K and torch.equal(fresh.rho, loss_b.rho)
 
 
 def test_multipliers_are_logged_per_epoch_to_mlflow(tmp_path):
