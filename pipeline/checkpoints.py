@@ -6,8 +6,9 @@ last one, atomically and flushed to disk) holds the network, optimizer, LR sched
 the trainer's epoch and iteration, the best validation metric (its epoch and the best checkpoint's file), the
 training time so far, and every random state that shapes the next epochs: torch (CPU and CUDA), NumPy, Python
 ``random``, the training loader's shuffling generator and the generator of every MONAI ``Randomizable``
-augmentation transform. Loaded into a freshly built run (same config, same seed), the remaining epochs then give the
-same weights, bit for bit on a CPU with the same thread count, as an uninterrupted run.
+augmentation transform; and the loss's own state when it has one (``state_dict()``, e.g. CRaC's multipliers).
+Loaded into a freshly built run (same config, same seed), the remaining epochs then give the same weights,
+bit for bit on a CPU with the same thread count, as an uninterrupted run.
 
 With several processes each rank's own random states are kept (rank ``r`` draws its own augmentation and dropout),
 and each rank gets its own back.
@@ -242,13 +243,15 @@ class TrainingCheckpoint:
         generator: the training loader's shuffling generator.
         transforms: the augmentation transforms (e.g. the training ``SliceDataset.transform``).
         interval: write every ``interval`` epochs (default 1); the last epoch is always written.
+        loss: the training loss; its ``state_dict()`` (empty for a loss without state) is kept and restored.
 
     With several processes attach it in every process: each one's random states are gathered, rank 0 writes.
     """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler=None, evaluator: Engine | None = None, best_saver: BestWeights | None = None,
-                 generator: torch.Generator | None = None, transforms: Any = None, interval: int = 1) -> None:
+                 generator: torch.Generator | None = None, transforms: Any = None, interval: int = 1,
+                 loss: torch.nn.Module | None = None) -> None:
         if int(interval) < 1:
             raise ValueError(f"checkpoint_interval must be a whole number >= 1, got {interval}")
         self.path = Path(path)
@@ -257,6 +260,7 @@ class TrainingCheckpoint:
         self.generator, self.transforms = generator, transforms
         self.interval = int(interval)
         self.warning: str | None = None  # set by load when the random states cannot all be restored
+        self.loss = loss
         self.seconds_before = 0.0  # training time of the earlier processes of a resumed run
         self._t0: float | None = None
 
@@ -300,6 +304,7 @@ class TrainingCheckpoint:
             "train_seconds": self.train_seconds(),
             "rng": ranks[0],
             "rng_ranks": ranks,  # rank r's states at r (rank 0's alone in a one-process run)
+            "loss": {} if self.loss is None else self.loss.state_dict(),
         }
 
     def save(self, trainer: Engine) -> Path:
@@ -373,6 +378,8 @@ class TrainingCheckpoint:
         record = self._best_record()
         if record is not None and best["saver"] is not None:
             record.load_state_dict(best["saver"])
+        if self.loss is not None and state.get("loss"):
+            self.loss.load_state_dict(state["loss"])
         self.seconds_before = float(state.get("train_seconds", 0.0))
         ranks = state.get("rng_ranks") or [state["rng"]]
         if len(ranks) != world_size():

@@ -61,6 +61,19 @@ def mean_across(values: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) / world_size() for k, v in zip(keys, sums.cpu())}
 
 
+def sum_across(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over processes of ``values`` (a tensor of the same shape in every process), in
+    float64 on the tensor's device; ``values`` itself without a group.
+
+    >>> sum_across(torch.tensor([1.0, 2.0]))
+    tensor([1., 2.], dtype=torch.float64)
+    """
+    values = values.detach().to(torch.float64)
+    if world_size() < 2:
+        return values
+    return idist.all_reduce(values.to(idist.device())).to(values.device)
+
+
 @torch.no_grad()
 def broadcast_state(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers (e.g. batch-norm running statistics) into every process's ``module``.

@@ -109,6 +109,24 @@ class EpochAverages:
             engine.state.metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
 
 
+class LossEpochEnd:
+    """The trainer's end-of-epoch call of a loss with training state (e.g. CRaC's multipliers): a loss with an
+    ``end_epoch(epoch) -> {name: value}`` method is called with the finished (1-based) epoch in every process, and
+    the values it returns go into ``engine.state.metrics`` as ``train/<name>`` (logged with the epoch). The state
+    itself is the loss's ``state_dict()``, which the training checkpoint keeps."""
+
+    def __init__(self, loss_fn: torch.nn.Module) -> None:
+        self.loss_fn = loss_fn
+
+    def attach(self, engine: Engine) -> None:
+        if callable(getattr(self.loss_fn, "end_epoch", None)):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for k, v in self.loss_fn.end_epoch(engine.state.epoch).items():
+            engine.state.metrics[f"train/{k}"] = float(v)
+
+
 def create_trainer(
     network: torch.nn.Module,
     loss_fn: torch.nn.Module,
@@ -134,6 +152,7 @@ def create_trainer(
         train_handlers=handlers,
     )
     EpochAverages(loss_fn, optimizer).attach(trainer)
+    LossEpochEnd(loss_fn).attach(trainer)
     return trainer
 
 

@@ -151,7 +151,7 @@ def run_training(parser, run_name: str | None = None, quiet: bool = False, tags:
         checkpoint = TrainingCheckpoint(  # the last of the epoch's handlers: it saves the epoch as finished
             run_dir / "checkpoints" / LAST, network, optimizer, scheduler, evaluator, best_saver,
             getattr(loader, "generator", None), getattr(loader.dataset, "transform", None),
-            int(value("checkpoint_interval")))
+            int(value("checkpoint_interval")), loss_fn)
         checkpoint.attach(trainer)  # every process: each one's random states are kept; rank 0 writes
         if resume_from:
             done = checkpoint.load(trainer, resume_from)["epoch"]

@@ -10,9 +10,10 @@ for each loss, CE and that loss back to back, so that both see the same machine 
 the table gives the median time over ``--repeats`` rounds and the median over rounds of the paired ratio
 ``time(loss) / time(ce)``.
 
-Then a whole training step of the default run (network, loss, backward, optimizer) is timed with CE and with MbLS,
-interleaved: what a loss costs where it matters. (That measurement decided MbLS's implementation: a fused autograd
-function of CE and penalty made the step only 1-3 % faster than the plain expression, so the plain one stays.)
+Then a whole training step of the default run (network, loss, backward, optimizer) is timed with CE and with each of
+MbLS, NACL, CRaC, mL1-ACE (hard, soft) and ACLS, paired: what a loss costs where it matters. (That measurement
+decided MbLS's implementation: a fused autograd function of CE and penalty made the step only 1-3 % faster than
+the plain expression, so the plain one stays.)
 """
 
 from __future__ import annotations
@@ -74,17 +75,22 @@ def run(batch: int = 4, classes: int = 4, size: int = 224, scale: float = 10.0, 
     return out
 
 
+#: the losses whose training step ``make bench-losses`` times against CE's (the paper's MbLS and the methods since)
+STEP_LOSSES = ("mbls", "nacl", "crac", "ace_hard", "ace_soft", "acls")
+
+
 def training_step_times(repeats: int = 15, steps: int = 10, warmup: int = 3, seed: int = 0,
-                        device: str = "cpu") -> dict[str, float]:
-    """Time a whole training step of the default run (its network, batch and slice size, Adam) with CE and with
-    MbLS, interleaved: every round times ``steps`` steps of each, in alternating order.
+                        device: str = "cpu", losses: tuple[str, ...] | list[str] = ("mbls",)) -> dict:
+    """Time a whole training step of the default run (its network, batch and slice size, Adam) with CE and with each
+    of ``losses`` (default MbLS), paired: every round times ``steps`` steps of CE and of the loss back to back, in
+    alternating order.
 
     A step is forward, loss, backward and ``optimizer.step()``, as in ``make train`` (the default config: dataset
-    ``mni``, loss ``mbls``, backbone ``unet``, ``batch_size`` slices of the dataset's in-plane crop).
+    ``mni``, loss ``mbls``, backbone ``unet``, ``batch_size`` slices of the dataset's in-plane crop), on random labels.
 
     Returns:
-        ``{"ce_ms", "mbls_ms"}`` (medians over rounds of the mean step time), ``"mbls_over_ce"`` (median of the
-        paired ratios), the step's input shape as ``"input"``.
+        ``"ce_ms"`` (median over all CE timings of the mean step time), for each loss ``"<name>_ms"`` (its median)
+        and ``"<name>_over_ce"`` (the median of the paired ratios), the step's input shape as ``"input"``.
     """
     parser = load_config("mni", "mbls", "unet")
     torch.manual_seed(seed)
@@ -96,7 +102,8 @@ def training_step_times(repeats: int = 15, steps: int = 10, warmup: int = 3, see
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, c, *crop, generator=gen).to(device)
     y = torch.randint(0, k, (batch, 1, *crop), generator=gen).to(device)
-    losses = {"ce": build_loss("ce").to(device), "mbls": build_loss("mbls").to(device)}
+    names = [n for n in losses if n != "ce"]
+    fns = {n: build_loss(n).to(device) for n in ["ce", *names]}
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def timed(loss_fn, n: int) -> float:
@@ -109,18 +116,23 @@ def training_step_times(repeats: int = 15, steps: int = 10, warmup: int = 3, see
         sync()
         return (time.perf_counter() - start) / max(n, 1)
 
-    for fn in losses.values():
+    for fn in fns.values():
         timed(fn, warmup)
-    times: dict[str, list[float]] = {"ce": [], "mbls": []}
-    ratios = []
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = ("ce", "mbls") if r % 2 == 0 else ("mbls", "ce")
-        t = {name: timed(losses[name], steps) for name in order}
-        for name in order:
+        for name in names:
+            order = ("ce", name) if r % 2 == 0 else (name, "ce")
+            t = {m: timed(fns[m], steps) for m in order}
+            times["ce"].append(t["ce"])
             times[name].append(t[name])
-        ratios.append(t["mbls"] / t["ce"])
-    return {"ce_ms": 1e3 * statistics.median(times["ce"]), "mbls_ms": 1e3 * statistics.median(times["mbls"]),
-            "mbls_over_ce": statistics.median(ratios), "input": "×".join(str(v) for v in x.shape)}
+            ratios[name].append(t[name] / t["ce"])
+    out: dict = {"ce_ms": 1e3 * statistics.median(times["ce"])}
+    for name in names:
+        out[f"{name}_ms"] = 1e3 * statistics.median(times[name])
+        out[f"{name}_over_ce"] = statistics.median(ratios[name])
+    out["input"] = "×".join(str(v) for v in x.shape)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--step-repeats", type=int, default=15,
-                    help="rounds of the training-step comparison, CE vs MbLS (default 15; 0 skips it)")
+                    help="rounds of the training-step comparison with CE (default 15; 0 skips it)")
+    ap.add_argument("--step-losses", default=",".join(STEP_LOSSES),
+                    help=f"the losses whose training step is timed against CE's (default {','.join(STEP_LOSSES)})")
     ap.add_argument("--step-iters", type=int, default=10, help="training steps per loss and round (default 10)")
     args = ap.parse_args(argv)
 
@@ -155,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['ms']:.2f} | {r['ratio']:.2f} |")
     print(f"\nmbls / ce = {results['mbls']['ratio']:.2f} for the loss alone")
     if args.step_repeats > 0:
-        st = training_step_times(args.step_repeats, args.step_iters, device=args.device)
+        names = [n.strip() for n in args.step_losses.split(",") if n.strip()]
+        st = training_step_times(args.step_repeats, args.step_iters, device=args.device, losses=names)
         print(f"\ntraining step of the default run (UNet, Adam, input {st['input']}), median of {args.step_repeats} "
-              f"interleaved rounds of {args.step_iters} steps:")
-        print(f"  CE {st['ce_ms']:.1f} ms, MbLS {st['mbls_ms']:.1f} ms per step: MbLS / CE = "
-              f"{st['mbls_over_ce']:.3f} (paired median)")
+              f"rounds of {args.step_iters} steps, each loss paired with CE (CE {st['ce_ms']:.1f} ms per step):")
+        print("| loss | ms per step | × CE (paired median) |")
+        print("|---|---|---|")
+        for name in names:
+            print(f"| {name} | {st[f'{name}_ms']:.1f} | {st[f'{name}_over_ce']:.3f} |")
     return 0
 
 

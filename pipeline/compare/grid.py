@@ -21,6 +21,12 @@ values replaced); a ``profile`` entry set to ``null`` removes that override (the
 A method sweeps at most one hyperparameter (``grid``: one name, its values). ``penalties: true`` asks the report
 for the paper's Table 4.
 
+A method's ``loss`` is a registered name (``configs/loss/<name>.yaml``) or a loss class defined elsewhere, named by
+its import path on the ``PYTHONPATH``: ``loss: {_target_: mypackage.losses.MyLoss}`` (more keys of the mapping are
+fixed arguments); ``params`` and ``grid`` then name the class's constructor arguments. The class is called as
+``cls(**arguments)`` and the instance as ``loss(logits, labels)`` like the registered losses (``B×K×…`` logits,
+``B×1×…`` integer labels); its runs carry the import path as their ``loss`` parameter.
+
 A run's **key** is a hash of its resolved configuration (the merged config with its overrides, without machine
 paths and resources), its seed and a fingerprint of the data (the case files and the split): the same training
 has the same key on every machine, so finished runs are found and skipped, and shards agree on who trains what.
@@ -30,10 +36,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from pipeline.compare.data import check_methods
@@ -105,21 +114,57 @@ def load_grid(name: str, config_dir: Path | None = None) -> dict:
     g["profile"] = {k: v for k, v in (g.get("profile") or {}).items() if v is not None}
     check_methods(g, f"comparison grid {name!r}", ("name", "label", "loss"))
     for m in g["methods"]:
-        check_name(str(m["loss"]), losses, "loss")
-        params = yaml.safe_load((Path(config_dir or CONFIG_DIR) / "loss" / f"{m['loss']}.yaml").read_text())["loss"]
+        if isinstance(m["loss"], dict):
+            params = external_loss_parameters(m["loss"], f"comparison grid {name!r}, method {m['name']!r}")
+        else:
+            check_name(str(m["loss"]), losses, "loss")
+            params = yaml.safe_load((Path(config_dir or CONFIG_DIR) / "loss" / f"{m['loss']}.yaml").read_text())["loss"]
         sweep = m.get("grid") or {}
         if len(sweep) > 1:
             raise ValueError(f"comparison grid {name!r}: method {m['name']!r} sweeps {list(sweep)}; one hyperparameter "
                              "per method (make two methods for two)")
         for key in [*(m.get("params") or {}), *sweep]:
-            if key not in params or key in ("_target_", "name"):
+            if params is not ANY_PARAMETER and (key not in params or key in ("_target_", "name")):
                 valid = [k for k in params if k not in ("_target_", "name")]
-                raise ValueError(f"comparison grid {name!r}: loss {m['loss']!r} of method {m['name']!r} has no "
+                loss = m["loss"]["_target_"] if isinstance(m["loss"], dict) else m["loss"]
+                raise ValueError(f"comparison grid {name!r}: loss {loss!r} of method {m['name']!r} has no "
                                  f"parameter {key!r}; its parameters are: {', '.join(valid) or 'none'}")
         for values in sweep.values():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"comparison grid {name!r}: method {m['name']!r} sweeps {values!r}; expected a list")
     return g
+
+
+#: the parameters of a loss class that takes ``**kwargs``: any name
+ANY_PARAMETER = object()
+#: the registered loss whose config file carries a loss class named by import path (its ``loss`` key replaced)
+CARRIER_LOSS = "ce"
+
+
+def external_loss_parameters(spec: dict, where: str):
+    """The constructor arguments of the loss class ``spec["_target_"]`` (an import path), or :data:`ANY_PARAMETER`
+    for a class taking ``**kwargs``; the class is imported to check it.
+
+    Raises:
+        ValueError: no ``_target_``, a module or class that cannot be imported (naming the path and the error), or
+            something that is not a ``torch.nn.Module`` class.
+    """
+    target = spec.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(f"{where}: a loss given as a mapping needs '_target_: package.module.Class' (the class's "
+                         f"import path), got {spec!r}")
+    module, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import the loss class {target!r} ({type(e).__name__}: {e}); is its "
+                         "package on the PYTHONPATH?") from None
+    if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{where}: {target!r} is not a torch.nn.Module class")
+    signature = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        return ANY_PARAMETER
+    return [k for k, p in signature.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
 @dataclass
@@ -187,9 +232,13 @@ def expand(grid: dict, seeds: list[int] | None = None, epochs: int | None = None
             hp_name, values = next(iter(sweep.items())) if sweep else (None, [None])
             for order, value in enumerate(values):
                 loss = {**(m.get("params") or {}), **({hp_name: value} if hp_name else {})}
+                external = isinstance(m["loss"], dict)
+                # a class named by import path replaces the carrier config's loss (and names the run's loss)
+                base = {"loss": dict(m["loss"]), "loss_name": m["loss"]["_target_"]} if external else {}
                 for seed in seeds if seeds is not None else grid["seeds"]:
-                    overrides = {**profile, **{f"loss::{k}": v for k, v in loss.items()}, "seed": int(seed)}
-                    out.append(RunSpec(m["name"], m["loss"], backbone, f"{hp_name}={value}" if hp_name else "",
+                    overrides = {**profile, **base, **{f"loss::{k}": v for k, v in loss.items()}, "seed": int(seed)}
+                    out.append(RunSpec(m["name"], CARRIER_LOSS if external else m["loss"], backbone,
+                                       f"{hp_name}={value}" if hp_name else "",
                                        hp_name, None if value is None else float(value), order, int(seed), overrides))
     return out
 

@@ -28,6 +28,11 @@ BUNDLE_SCRIPTS = Path(__file__).resolve().parent / "bundle_scripts"
 PROJECT = "pipeline"
 #: a run's loss config builds its loss with this factory; the bundle names the class instead
 LOSS_FACTORY = "pipeline.losses.build_loss"
+#: registered losses a bundle's training config cannot hold, and why
+WITHOUT_BUNDLE_VERSION = {
+    "crac": "its multipliers are training state updated by the pipeline's trainer at each epoch's end, which a "
+            "bundle's MONAI trainer does not do",
+}
 #: packages a vendored module needs besides its imports (MONAI imports them lazily)
 EXTRA_REQUIREMENTS = {"transunet.py": ("einops",)}
 
@@ -45,8 +50,8 @@ def imported_modules(path: str | Path) -> set[str]:
 
 
 def loss_class_names() -> dict[str, str]:
-    """``{registry name: class name}`` of every training loss (``{"mbls": "MarginLoss", …}``)."""
-    return {name: cls.__name__ for name, cls in LOSSES.items()}
+    """``{registry name: class name}`` of every training loss with a bundle version (``{"mbls": "MarginLoss", …}``)."""
+    return {name: cls.__name__ for name, cls in LOSSES.items() if name not in WITHOUT_BUNDLE_VERSION}
 
 
 def loss_config(parser) -> dict:
@@ -63,6 +68,8 @@ def loss_config(parser) -> dict:
         return {"_target_": target, **loss}
     name = str(loss.pop("name", ""))
     classes = loss_class_names()
+    if name in WITHOUT_BUNDLE_VERSION:
+        raise ValueError(f"loss '{name}' has no bundle version: {WITHOUT_BUNDLE_VERSION[name]}")
     if name not in classes:
         raise ValueError(f"loss '{name}' has no bundle version; known losses: {', '.join(sorted(classes))}")
     return {"_target_": f"scripts.losses.{classes[name]}", **loss}

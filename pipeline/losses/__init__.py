@@ -1,8 +1,8 @@
-"""Training objectives of the paper, built by name.
+"""Training objectives of the paper and of the methods since (NACL, CRaC, mL1-ACE, ACLS), built by name.
 
 >>> loss = build_loss("mbls", margin=10, alpha=0.1)
->>> sorted(LOSSES)
-['ce', 'ce_dice', 'ecp', 'focal', 'ls', 'mbls', 'mbls_dice', 'mbls_l2', 'svls']
+>>> ' '.join(sorted(LOSSES))
+'ace_hard ace_soft acls ce ce_dice crac ecp focal ls mbls mbls_dice mbls_l2 nacl svls'
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ import inspect
 
 from torch import nn
 
+from pipeline.losses.ace import ACEDiceCE, HardACEDiceCE, SoftACEDiceCE, marginal_l1_ace
+from pipeline.losses.acls import AdaptiveConditionalLabelSmoothing, acls_regulariser
 from pipeline.losses.base import SegmentationLoss, as_index_labels, check_number
 from pipeline.losses.ce import CrossEntropy
 from pipeline.losses.ce_dice import CEDice
+from pipeline.losses.crac import ClassRegionConstraints, phr
 from pipeline.losses.ecp import ConfidencePenalty, mean_entropy
 from pipeline.losses.focal import Focal
 from pipeline.losses.ls import LabelSmoothing
 from pipeline.losses.mbls import PENALTIES, MarginLoss, logit_distances, margin_penalty
 from pipeline.losses.mbls_dice import MarginDiceLoss
 from pipeline.losses.mbls_l2 import MarginL2Loss
+from pipeline.losses.nacl import NeighbourAwareCalibration
+from pipeline.losses.neighbours import BOUNDARY_TESTS, boundary_mask, class_proportions
 from pipeline.losses.svls import SpatiallyVaryingLabelSmoothing, svls_kernel
 from pipeline.registry import check_name
 
@@ -34,6 +39,11 @@ LOSSES: dict[str, type[nn.Module]] = {
     "mbls": MarginLoss,
     "mbls_l2": MarginL2Loss,
     "mbls_dice": MarginDiceLoss,
+    "nacl": NeighbourAwareCalibration,
+    "crac": ClassRegionConstraints,
+    "ace_hard": HardACEDiceCE,
+    "ace_soft": SoftACEDiceCE,
+    "acls": AdaptiveConditionalLabelSmoothing,
 }
 
 
@@ -80,4 +90,16 @@ __all__ = [
     "PENALTIES",
     "logit_distances",
     "margin_penalty",
+    "NeighbourAwareCalibration",
+    "ClassRegionConstraints",
+    "phr",
+    "BOUNDARY_TESTS",
+    "boundary_mask",
+    "class_proportions",
+    "ACEDiceCE",
+    "HardACEDiceCE",
+    "SoftACEDiceCE",
+    "marginal_l1_ace",
+    "AdaptiveConditionalLabelSmoothing",
+    "acls_regulariser",
 ]

@@ -6,7 +6,8 @@ check it); a bundle cannot import the pipeline, so the formulas are written out 
 whole numbers are fine) and returns one scalar; half-precision logits are computed on in float32.
 
 Reference: Murugesan et al., "Calibrating Segmentation Networks with Margin-based Label Smoothing", Medical Image
-Analysis 2024 (MbLS, Eq. 7; the other losses are its baselines, Eq. 3-5).
+Analysis 2024 (MbLS, Eq. 7; the other losses are its baselines, Eq. 3-5). Since then: NACL (Murugesan et al.,
+MICCAI 2023), mL1-ACE (Barfoot et al., MICCAI 2024), ACLS (Park et al., ICCV 2023).
 
 >>> loss = MarginLoss(margin=10.0, alpha=0.1)
 >>> float(loss(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)))  # uniform logits: CE = log 2, no penalty
@@ -19,11 +20,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, NACLLoss
 from monai.losses import FocalLoss as MonaiFocalLoss
+from monai.networks.layers import MeanFilter
 from torch import nn
 
 __all__ = [
+    "AdaptiveConditionalLabelSmoothing",
+    "HardACEDiceCE",
+    "NeighbourAwareCalibration",
+    "SoftACEDiceCE",
     "CEDice",
     "ConfidencePenalty",
     "CrossEntropy",
@@ -196,18 +202,20 @@ class SpatiallyVaryingLabelSmoothing(nn.Module):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.kernel_size, self.sigma = kernel_size, float(sigma)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = _float(logits)
+    @torch.no_grad()
+    def soft_labels(self, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The smoothed one-hot labels of the ``long`` labels ``y``, shaped and typed like ``logits``."""
         dims = logits.ndim - 2
         if dims not in (2, 3):
             raise ValueError(f"SVLS takes B×K×H×W or B×K×D×H×W logits, got shape {tuple(logits.shape)}")
         k = logits.shape[1]
-        with torch.no_grad():
-            kernel = svls_kernel(dims, self.kernel_size, self.sigma).to(logits.dtype).to(logits.device)
-            onehot = _one_hot(index_labels(labels, logits), k, logits.dtype)
-            padded = F.pad(onehot, [self.kernel_size // 2] * (2 * dims), mode="replicate")
-            target = (F.conv2d if dims == 2 else F.conv3d)(padded, kernel.expand(k, 1, *kernel.shape), groups=k)
-        return F.cross_entropy(logits, target)
+        kernel = svls_kernel(dims, self.kernel_size, self.sigma).to(logits.dtype).to(logits.device)
+        padded = F.pad(_one_hot(y, k, logits.dtype), [self.kernel_size // 2] * (2 * dims), mode="replicate")
+        return (F.conv2d if dims == 2 else F.conv3d)(padded, kernel.expand(k, 1, *kernel.shape), groups=k)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = _float(logits)
+        return F.cross_entropy(logits, self.soft_labels(index_labels(labels, logits), logits))
 
 
 class MarginLoss(nn.Module):
@@ -263,3 +271,115 @@ class MarginDiceLoss(MarginLoss):
         y = index_labels(labels, logits)
         dice = self.dice(logits, _one_hot(y, logits.shape[1], logits.dtype))
         return F.cross_entropy(logits, y) + dice + self.alpha * margin_penalty(logits, self.margin, "l1")
+
+
+class NeighbourAwareCalibration(nn.Module):
+    """NACL: ``CE + alpha · mean_{voxel,class} |τ − l|`` (``distance="l2"``: squared), ``τ`` the labels' class
+    proportions in each voxel's window: ``kernel="mean"``, cells past the border counted as class 0;
+    ``kernel="gaussian"``, the SVLS kernel with replicate padding; ``variant="monai"``: MONAI ``NACLLoss``'s ``τ``."""
+
+    def __init__(self, alpha: float = 0.1, kernel: str = "mean", distance: str = "l1", kernel_size: int = 3,
+                 sigma: float = 1.0, variant: str = "released") -> None:
+        super().__init__()
+        if kernel not in ("mean", "gaussian") or distance not in ("l1", "l2") or variant not in ("released", "monai"):
+            raise ValueError(f"bad NACL option: kernel={kernel!r}, distance={distance!r}, variant={variant!r}")
+        self.alpha, self.kernel, self.distance, self.variant = _number("alpha", alpha), kernel, distance, variant
+        self.kernel_size, self.sigma = int(kernel_size), _number("sigma", sigma)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = _float(logits)
+        y, (k, dims) = index_labels(labels, logits), (logits.shape[1], logits.ndim - 2)
+        with torch.no_grad():
+            if self.variant == "monai":
+                tau = NACLLoss(k, dims, self.kernel_size, self.kernel, self.distance, self.alpha,
+                               self.sigma).get_constr_target(y).to(logits)
+            elif self.kernel == "mean":
+                counts = MeanFilter(spatial_dims=dims, size=self.kernel_size)(_one_hot(y, k, logits.dtype).contiguous())
+                counts[:, 0] += self.kernel_size**dims - counts.sum(1)
+                tau = counts / self.kernel_size**dims
+            else:
+                tau = SpatiallyVaryingLabelSmoothing(self.kernel_size, self.sigma).soft_labels(y, logits)
+        diff = tau - logits
+        return F.cross_entropy(logits, y) + self.alpha * (diff.abs() if self.distance == "l1" else diff**2).mean()
+
+
+class AdaptiveConditionalLabelSmoothing(nn.Module):
+    """ACLS per voxel: ``CE + alpha · (pos_lambda · Σ relu(z* − m)² / N + neg_lambda · Σ relu(sg(z*) − z_k − m)² /
+    (N(K − 1)))``, positives the classes tied for the largest logit ``z*``."""
+
+    def __init__(self, alpha: float = 0.1, pos_lambda: float = 1.0, neg_lambda: float = 0.1,
+                 margin: float = 10.0) -> None:
+        super().__init__()
+        self.alpha, self.pos_lambda = _number("alpha", alpha), _number("pos_lambda", pos_lambda)
+        self.neg_lambda, self.margin = _number("neg_lambda", neg_lambda), _number("margin", margin)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = _float(logits)
+        k = logits.shape[1]
+        n = logits.numel() // k
+        top = logits.max(dim=1, keepdim=True).values
+        pos = (top.detach() == logits.detach()).to(logits.dtype)
+        reg = (self.pos_lambda * (pos * F.relu(top - self.margin) ** 2).sum() / n
+               + self.neg_lambda * ((1 - pos) * F.relu(top.detach() - logits - self.margin) ** 2).sum() / (n * (k - 1)))
+        return F.cross_entropy(logits, index_labels(labels, logits)) + self.alpha * reg
+
+
+def _bin_sums(index, weight, p, y, n_bins):
+    b, k = p.shape[:2]
+    flat = (index + n_bins * torch.arange(b * k, device=p.device).reshape(b, k, 1)).reshape(-1)
+    return [torch.zeros(b * k * n_bins, dtype=p.dtype, device=p.device).scatter_add(0, flat, v.reshape(-1))
+            .reshape(b, k, n_bins) for v in (weight, weight * p, weight * y)]
+
+
+class HardACEDiceCE(nn.Module):
+    """``0.33 · mL1-ACE + 0.33 · Dice + 0.33 · CE``; mL1-ACE per image and class over ``n_bins`` bins of ``[0, 1]``
+    (``lo < p ≤ hi``), the mean over non-empty bins of ``|mean p − mean y|``; an absent class adds 0."""
+
+    soft = False
+
+    def __init__(self, n_bins: int = 20, ace_weight: float = 0.33, dice_weight: float = 0.33, ce_weight: float = 0.33,
+                 ignore_empty_classes: bool = True, empty_weight: float = 0.01) -> None:
+        super().__init__()
+        self.n_bins, self.ignore_empty_classes = int(n_bins), bool(ignore_empty_classes)
+        self.empty_weight = _number("empty_weight", empty_weight)
+        self.weights = (_number("ace_weight", ace_weight), _number("dice_weight", dice_weight),
+                        _number("ce_weight", ce_weight))
+        self.dice = DiceLoss(include_background=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5)
+
+    def ace(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nb, eps = self.n_bins, torch.finfo(torch.float32).eps
+        if not self.soft:
+            edges = torch.linspace(0.0, 1.0 + eps, nb + 1, device=p.device, dtype=p.dtype)
+            weight, sp, sy = _bin_sums(torch.bucketize(p.detach(), edges[1:]), torch.ones_like(p), p, y, nb)
+            filled = weight > 0
+        else:
+            halves = torch.linspace(0.0, 1.0 + eps, 2 * nb + 1, device=p.device, dtype=p.dtype)
+            half = torch.bucketize(p.detach(), halves[1:])
+            big = torch.tensor([10000.0], device=p.device, dtype=p.dtype)
+            anchors = torch.cat((-big, halves[1::2].repeat_interleave(2), big))
+            ld, rd = p - anchors[half], anchors[half + 2] - p
+            left = _bin_sums(torch.clamp(half - 1, min=0) // 2, rd / (ld + rd), p, y, nb)
+            right = _bin_sums(torch.clamp(half + 1, max=2 * nb - 1) // 2, ld / (ld + rd), p, y, nb)
+            weight, sp, sy = (a + b for a, b in zip(left, right))
+            filled = weight >= self.empty_weight
+        safe = torch.where(filled, weight, 1.0)
+        gap = ((sp - sy) / safe).abs() * filled.to(p.dtype)
+        ace = gap.sum(-1) / filled.sum(-1).clamp(min=1)
+        if self.ignore_empty_classes:
+            ace = ace * (y.sum(-1) > 0).to(ace.dtype)
+        return ace.mean()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = _float(logits)
+        y = index_labels(labels, logits)
+        target = _one_hot(y, logits.shape[1], logits.dtype)
+        ace = self.ace(torch.softmax(logits, 1).flatten(2), target.flatten(2))
+        a, d, c = self.weights
+        return a * ace + d * self.dice(logits, target) + c * F.cross_entropy(logits, y)
+
+
+class SoftACEDiceCE(HardACEDiceCE):
+    """:class:`HardACEDiceCE` with soft binning: a voxel's weight split linearly between its two nearest bin
+    centres; a bin of total weight below ``empty_weight`` is empty."""
+
+    soft = True
