@@ -58,4 +58,4 @@ def test_cli_misspelt_loss_exits_with_message():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--loss", "mbsl"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown loss 'mbsl'. Did you mean 'mbls'? Valid loss names: ce" in proc.stderr
+    assert "unknown loss 'mbsl'. Did you mean 'mbls'? Valid loss names: ace_hard, ace_soft, acls, ce," in proc.stderr

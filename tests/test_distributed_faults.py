@@ -191,7 +191,7 @@ def test_the_same_command_continues_the_failed_run(jobs):
     for name, proc in procs.items():
         log, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, log[-3000:]
-        assert f"resumed {name} after epoch 1/{EPOCHS}" in log
+        assert f"resumed {name} from " in log and f"epochs 1-1 of {EPOCHS} were done, continuing with epoch 2" in log
         job = jobs[name]
         run = mlflow.MlflowClient(tracking_uri=job["uri"]).get_run(read_record(job["dir"])["run_id"])
         assert run.info.status == "FINISHED"
