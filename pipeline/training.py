@@ -35,7 +35,7 @@ from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
 from pipeline.resume import plan_run, write_record
 from pipeline.runs import load_weights
-from pipeline.tracking import flatten, git_commit, tracking_uri
+from pipeline.tracking import git_commit, protocol_params, resolved_params, tracking_uri
 from pipeline.tracking_store import check_store
 
 log = logging.getLogger("pipeline")
@@ -198,11 +198,16 @@ def default_run_name(parser) -> str:
 
 
 def _params(parser, names: dict, data: PreparedData, loader, run_dir: Path, device, amp: bool) -> dict:
-    """The MLflow parameters of a training run."""
+    """The MLflow parameters of a training run: references resolved, each loss parameter also under the loss's
+    own name, and the training protocol."""
+    loss_params = resolved_params(parser, "loss")
     return {
         **names,
-        **flatten("loss", parser.get("loss")),
-        **flatten("backbone", parser.get("backbone")),
+        **loss_params,
+        **{f"{names['loss']}.{k[len('loss.'):]}": v for k, v in loss_params.items()
+           if k != "loss.name"},  # unambiguous: mbls.alpha is MbLS's weight, ls.alpha LS's smoothing
+        **resolved_params(parser, "backbone"),
+        **protocol_params(parser),
         "epochs": int(parser.get_parsed_content("epochs")), "seed": int(parser.get_parsed_content("seed")),
         "batch_size": parser.get_parsed_content("batch_size"), "lr": parser.get_parsed_content("lr"),
         "git_commit": git_commit(), "device": str(device), "amp": amp,

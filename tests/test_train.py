@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.engines import NonFiniteLossError
 from pipeline.runs import load_weights
+from pipeline.tracking import protocol_params, resolved_params
 from pipeline.training import run_training
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 
@@ -50,6 +51,11 @@ def test_train_evaluate_and_mlflow_record(blobs, tmp_path, monkeypatch):
     params = run.data.params
     assert params["dataset"] == "blobs" and params["loss"] == "mbls" and params["backbone"] == "unet"
     assert params["loss.margin"] == "10" and params["loss.alpha"] == "0.1"
+    assert params["mbls.margin"] == "10" and params["mbls.alpha"] == "0.1"  # the loss's own names, unambiguous
+    assert not [k for k, v in params.items() if v.startswith(("@", "$"))]  # references resolved
+    assert params["backbone.in_channels"] == "1"
+    assert params["protocol.val_interval"] and params["protocol.optimizer"] == "Adam"
+    assert "protocol.augment" in params
     assert params["epochs"] == "2" and params["seed"] == "0" and params["git_commit"]
     metrics = run.data.metrics
     for key in ("test/dsc", "test/asd", "test/ece", "test/cece", "test/nll", "test/brier", "test/dsc/outer",
@@ -87,3 +93,12 @@ def test_existing_run_folder_is_never_overwritten(blobs, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         run_training(_parser(blobs, tmp_path, epochs=1), run_name="taken", quiet=True)
     assert (existing / "keep.txt").read_text() == "x"
+
+
+def test_run_params_resolve_references_and_name_the_protocol():
+    parser = load_config("mni", "mbls", "unet")
+    backbone = resolved_params(parser, "backbone")
+    assert backbone["backbone.in_channels"] == 1 and backbone["backbone.out_channels"] == 4  # not "@in_channels"
+    protocol = protocol_params(parser)
+    assert protocol["protocol.augment"].startswith("RandFlipd,") and protocol["protocol.lr_step"] == 100
+    assert protocol["protocol.val_interval"] == 5 and protocol["protocol.lr_scheduler"] == "StepLR"
