@@ -62,6 +62,7 @@ test: $(STAMP)
 
 ## serve the MLflow UI on http://$(HOST):$(PORT) (default local only; a container binds HOST=0.0.0.0)
 ui: $(STAMP)
+	@$(PY) -m pipeline ui-links --host $(HOST) --port $(PORT) || true
 	$(PY) -m mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host $(HOST) --port $(PORT)
 
 ## list datasets, losses and backbones

@@ -205,6 +205,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui_links(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipeline.tracking import runs_table_links, tracking_uri
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    for line in runs_table_links(mlflow.MlflowClient(tracking_uri=tracking_uri()), host, args.port):
+        print(line)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare.grid import parse_seeds
     from pipeline.compare.runner import run_comparison
@@ -298,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config key that does not change the result (e.g. cache=disk, num_workers=2)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("ui-links", help="the UI address of each experiment's runs table")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui_links)
     p = sub.add_parser("list", help="list the datasets, losses and backbones")
     p.set_defaults(func=cmd_list)
 

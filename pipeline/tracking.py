@@ -139,6 +139,18 @@ def protocol_params(parser) -> dict[str, Any]:
     return out
 
 
+def runs_table_links(client, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """One line per experiment of the store: its name and the UI address that opens its runs table (MLflow 3 opens
+    an experiment on its GenAI overview otherwise).
+
+    >>> from types import SimpleNamespace as N
+    >>> runs_table_links(N(search_experiments=lambda: [N(name="compare", experiment_id="1")]))
+    ["experiment 'compare': http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"]
+    """
+    return [f"experiment '{e.name}': http://{host}:{port}/#/experiments/{e.experiment_id}/runs"
+            "?workflowType=machine_learning" for e in client.search_experiments()]
+
+
 #: the MLflow UI opens an experiment of this kind on its runs table (not on the GenAI trace overview)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

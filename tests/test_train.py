@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.engines import NonFiniteLossError
 from pipeline.runs import load_weights
-from pipeline.tracking import protocol_params, resolved_params
+from pipeline.tracking import protocol_params, resolved_params, runs_table_links
 from pipeline.training import run_training
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 
@@ -102,3 +102,11 @@ def test_run_params_resolve_references_and_name_the_protocol():
     protocol = protocol_params(parser)
     assert protocol["protocol.augment"].startswith("RandFlipd,") and protocol["protocol.lr_step"] == 100
     assert protocol["protocol.val_interval"] == 5 and protocol["protocol.lr_scheduler"] == "StepLR"
+
+
+def test_ui_links_open_each_experiment_on_its_runs_table(tmp_path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/links.db")
+    exp = client.create_experiment("compare")
+    links = runs_table_links(client, "127.0.0.1", 5001)
+    assert f"experiment 'compare': http://127.0.0.1:5001/#/experiments/{exp}/runs?workflowType=machine_learning" \
+        in links
