@@ -96,13 +96,16 @@ def killed(tmp_path_factory):
         runs[name] = {"dir": tmp / "runs" / name, "uri": uri}
 
     references = {}
+    threads = torch.get_num_threads()
     for batch in ITERATIONS:  # in this process, meanwhile, each in its own store
         uri = ready_store(tmp / f"reference{batch}")
         os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
+        torch.set_num_threads(1)  # as the killed processes (OMP_NUM_THREADS=1): a module fixture runs before
+        try:                      # the tests' one_thread fixture, so it sets the count itself
             out = run_training(_parser(tmp, config_dir, batch), run_name=f"reference{batch}", quiet=True)
         finally:
             del os.environ["MLFLOW_TRACKING_URI"]
+            torch.set_num_threads(threads)
         references[batch] = {"out": out, "uri": uri, "history": _history(uri, out["run_id"])}
 
     deadline = time.time() + 400
