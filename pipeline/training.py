@@ -33,9 +33,10 @@ from pipeline.distributed import DistributedRun, NullTracker
 from pipeline.engines import PeriodicValidation, create_evaluator, create_trainer
 from pipeline.evaluation import evaluate_trained
 from pipeline.io import write_json_atomic
+from pipeline.params import protocol_params, resolved_params
 from pipeline.resume import plan_run, write_record
 from pipeline.runs import load_weights
-from pipeline.tracking import git_commit, protocol_params, resolved_params, tracking_uri
+from pipeline.tracking import git_commit, tracking_uri
 from pipeline.tracking_store import check_store
 
 log = logging.getLogger("pipeline")

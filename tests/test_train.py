@@ -7,8 +7,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.engines import NonFiniteLossError
+from pipeline.params import protocol_params, resolved_params
 from pipeline.runs import load_weights
-from pipeline.tracking import protocol_params, resolved_params, runs_table_links
+from pipeline.tracking import runs_table_links
 from pipeline.training import run_training
 from tests.helpers import make_config_dir, tiny_unet_overrides, write_blob_volumes
 
